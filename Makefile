@@ -1,0 +1,31 @@
+# The two commands: `make quickstart` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# This machine's pip serves torch 2.14.1 / torchvision 0.29.1 from local disk; elsewhere any recent torch works.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_AUTH_MODE ?= disabled
+export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS ?= 0
+
+.PHONY: quickstart test install clean
+
+$(BIN)/dartsweep: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || \
+		$(BIN)/python -m pip install -q $(TORCH_PINS) || $(BIN)/python -m pip install -q torch torchvision
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/dartsweep
+
+quickstart: install
+	$(BIN)/dartsweep sweep run quickstart --storage ./results
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

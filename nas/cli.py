@@ -1,0 +1,222 @@
+"""``dartsweep``: one command with subcommands; a thin layer over the nas, sweeps and analysis libraries.
+
+Bad input prints one line (``dartsweep: error: ...``) and exits with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from nas.errors import ConfigError
+
+EXIT_USAGE = 2
+
+
+def _progress_printer(label: str, total_epochs: int) -> tuple[Callable, Callable]:
+    """(on_step, on_epoch-line) printers: a live step counter on terminals, one line per epoch always."""
+    start = time.perf_counter()
+    tty = sys.stderr.isatty()
+
+    def on_step(step: int, steps: int) -> None:
+        if tty:
+            print(f"\r{label}: step {step}/{steps}", end="", file=sys.stderr, flush=True)
+
+    def epoch_line(metrics: dict[str, Any], keys: Sequence[str]) -> None:
+        done = metrics["epoch"]
+        elapsed = time.perf_counter() - start
+        eta = elapsed / max(done, 1) * (total_epochs - done)
+        shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)
+        print(("\r" if tty else "") + f"{label}: epoch {done}/{total_epochs}  {shown}  "
+              f"[{elapsed:.0f}s elapsed, ~{eta:.0f}s left]", file=sys.stderr, flush=True)
+
+    return on_step, epoch_line
+
+
+def _prepare_out(out: Path, resume: bool) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None; refuses to overwrite an existing run."""
+    from nas.io import load_checkpoint
+
+    ckpt = out / "checkpoint.pt"
+    if resume:
+        if not ckpt.is_file():
+            raise ConfigError(f"--resume: no checkpoint.pt in {out}; run without --resume to start")
+        return load_checkpoint(ckpt)
+    if ckpt.exists() or (out / "metrics.jsonl").exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return None
+
+
+def _run_phase(phase: str, config: Any, out: Path, resume: bool, device: str) -> Any:
+    from nas.io import save_checkpoint_atomic, write_json_atomic, write_text_atomic
+    from nas.train import run_eval, run_search
+
+    state = _prepare_out(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", {"phase": phase, **config.to_dict()})
+    on_step, epoch_line = _progress_printer(phase, config.epochs)
+    keys = ("train_loss", "train_acc", "valid_acc") if phase == "search" else ("train_loss", "train_acc", "test_acc")
+    history: list[dict[str, Any]] = list(state["history"]) if state else []
+
+    def on_epoch(metrics: dict[str, Any], make_checkpoint: Callable[[], dict[str, Any]]) -> None:
+        history.append(metrics)
+        save_checkpoint_atomic(out / "checkpoint.pt", make_checkpoint())
+        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        if phase == "search":
+            write_json_atomic(out / "genotype.json", metrics["genotype"])
+        epoch_line(metrics, keys)
+
+    run = run_search if phase == "search" else run_eval
+    return run(config, device=device, resume=state, on_epoch=on_epoch, on_step=on_step)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from nas.config import SearchConfig
+
+    op_set: Any = args.op_set
+    if args.primitives:
+        op_set = {"primitives": [p.strip() for p in args.primitives.split(",") if p.strip()],
+                  "activation": args.activation or "relu", "norm": args.norm or "bn"}
+    config = SearchConfig(op_set=op_set, bottleneck_ratio=args.F, dataset=args.dataset, data_dir=args.data_dir,
+                          epochs=args.epochs, batch_size=args.batch_size, channels=args.channels,
+                          layers=args.layers, nodes=args.nodes, order=args.order, seed=args.seed,
+                          max_steps_per_epoch=args.max_steps_per_epoch)
+    out = Path(args.out or f"runs/search-{config.resolved_op_set().id}-s{config.seed}")
+    result = _run_phase("search", config, out, args.resume, args.device)
+    print(json.dumps(result.genotype.to_dict()))
+    print(f"genotype written to {out / 'genotype.json'}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nas.config import EvalConfig
+
+    config = EvalConfig(genotype=args.genotype, layers=args.layers, dataset=args.dataset, data_dir=args.data_dir,
+                        epochs=args.epochs, batch_size=args.batch_size, channels=args.channels,
+                        auxiliary=not args.no_auxiliary, cutout=not args.no_cutout, drop_path=args.drop_path,
+                        seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch)
+    out = Path(args.out or f"runs/train-{config.resolved_genotype().id}-L{config.layers}-s{config.seed}")
+    result = _run_phase("eval", config, out, args.resume, args.device)
+    print(json.dumps({"test_acc": result.test_acc, "best_test_acc": result.best_test_acc, "out": str(out)}))
+    return 0
+
+
+def cmd_complexity(args: argparse.Namespace) -> int:
+    from nas.complexity import complexity
+    from nas.genotypes import load_genotype
+
+    genotype = load_genotype(args.genotype)
+    result = complexity(genotype, args.layers, channels=args.channels)
+    if args.json:
+        print(json.dumps({"genotype": genotype.id, "layers": args.layers, "channels": args.channels,
+                          **result.to_dict()}))
+    else:
+        print(f"{genotype.id} at {args.layers} layers (C={args.channels}): "
+              f"{result.params_m:.3f} M params, {result.gmac:.3f} GMAC")
+    return 0
+
+
+def cmd_genotypes(args: argparse.Namespace) -> int:
+    from nas.genotypes import GENOTYPES
+    from nas.opsets import OP_SETS
+
+    if args.json:
+        print(json.dumps({"genotypes": {k: g.to_dict() for k, g in GENOTYPES.items()},
+                          "op_sets": {k: o.to_dict() for k, o in OP_SETS.items()}}, indent=2))
+        return 0
+    print("Built-in genotypes:")
+    for name, g in GENOTYPES.items():
+        ops = sorted(g.primitives)
+        print(f"  {name:<10} {g.options.activation}/{g.options.norm} F={g.options.bottleneck_ratio:g}  ops: "
+              f"{', '.join(ops)}")
+    print("Op-set presets:")
+    for name, o in OP_SETS.items():
+        print(f"  {name:<14} {o.options.activation}/{o.options.norm} F={o.options.bottleneck_ratio:g}  "
+              f"{', '.join(o.primitives)}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dartsweep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, epochs: int, batch: int) -> None:
+        p.add_argument("--dataset", default="cifar10", help="cifar10 | cifar100 | digits (default cifar10)")
+        p.add_argument("--data-dir", default="./data", help="where CIFAR is (or is downloaded to)")
+        p.add_argument("--epochs", type=_positive_int, default=epochs)
+        p.add_argument("--batch-size", type=_positive_int, default=batch)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        p.add_argument("--out", help="output folder (metrics.jsonl, checkpoint.pt, ...)")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+        p.add_argument("--max-steps-per-epoch", type=_positive_int, help="cap steps per epoch (smoke runs)")
+
+    p = sub.add_parser("search", help="run one DARTS search (no Ray)")
+    p.add_argument("--op-set", default="pibconv", help="preset: darts, darts_gelu, darts_gelu_ln, convnext, pibconv")
+    p.add_argument("--primitives", help="comma-separated primitives: an explicit op set instead of --op-set")
+    p.add_argument("--activation", choices=("relu", "gelu"), help="with --primitives")
+    p.add_argument("--norm", choices=("bn", "ln"), help="with --primitives")
+    p.add_argument("--F", type=float, help="bottleneck ratio F (overrides the op set's)")
+    p.add_argument("--order", type=int, choices=(1, 2), default=2, help="DARTS order (default 2)")
+    p.add_argument("--channels", type=_positive_int, default=16)
+    p.add_argument("--layers", type=_positive_int, default=8)
+    p.add_argument("--nodes", type=_positive_int, default=4)
+    common(p, 50, 64)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("train", help="train a genotype at a layer count (evaluation phase, no Ray)")
+    p.add_argument("--genotype", required=True, help="DARTS_V1 | DARTS_V2 | PIBCONV | path.json")
+    p.add_argument("--layers", type=int, required=True)
+    p.add_argument("--channels", type=_positive_int, default=36)
+    p.add_argument("--drop-path", type=float, default=0.2)
+    p.add_argument("--no-auxiliary", action="store_true")
+    p.add_argument("--no-cutout", action="store_true")
+    common(p, 600, 96)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("complexity", help="params (M) and GMACs of a genotype at a layer count")
+    p.add_argument("--genotype", required=True)
+    p.add_argument("--layers", type=int, required=True)
+    p.add_argument("--channels", type=_positive_int, default=36)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_complexity)
+
+    p = sub.add_parser("genotypes", help="list built-in genotypes and op-set presets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_genotypes)
+
+    for module in ("sweeps.cli", "analysis.cli", "nas.bench"):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except (ImportError, AttributeError):
+            continue
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"dartsweep: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dartsweep: interrupted; results written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

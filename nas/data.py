@@ -1,0 +1,182 @@
+"""Data sets held as uint8 tensors (on the training device) with batched tensor augmentation.
+
+Like airbench: the whole data set lives on the device, augmentation (random crop with padding,
+horizontal flip, cutout) is a handful of batched tensor ops, and no per-image Python runs in the
+training loop. ``cifar10``/``cifar100`` come through torchvision; ``digits`` is scikit-learn's
+bundled 8x8 digits (no download), for smoke runs and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from nas.errors import ConfigError
+
+CIFAR10_MEAN, CIFAR10_STD = (0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+DATASETS = ("cifar10", "cifar100", "digits")
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Train and test images as uint8 NCHW tensors plus what the networks need to know about them."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    crop_padding: int  # DARTS: 4 for 32x32
+    cutout_length: int  # DARTS: 16 for 32x32
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[-1])
+
+    def to(self, device: torch.device | str) -> "ImageData":
+        return replace(self, train_x=self.train_x.to(device), train_y=self.train_y.to(device),
+                       test_x=self.test_x.to(device), test_y=self.test_y.to(device))
+
+
+def _digits() -> ImageData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.from_numpy((bunch.images * (255.0 / 16.0)).round()).to(torch.uint8).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target).long()
+    tr, te = train_test_split(range(len(labels)), test_size=0.2, random_state=0, stratify=bunch.target)
+    x = images.float() / 255
+    return ImageData("digits", images[tr], labels[tr], images[te], labels[te], (x.mean().item(),),
+                     (x.std().item(),), 10, crop_padding=1, cutout_length=4)
+
+
+def _cifar(name: str, data_dir: str | Path, download: bool) -> ImageData:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    root = Path(data_dir).expanduser()
+    try:
+        train = cls(str(root), train=True, download=False)
+    except RuntimeError:
+        if not download:
+            raise ConfigError(f"{name} not found in {root.resolve()}; download it there or pass a --data-dir "
+                              "that holds it") from None
+        try:
+            train = cls(str(root), train=True, download=True)
+        except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
+            raise ConfigError(f"{name} not found in {root.resolve()} and the download failed "
+                              f"({type(exc).__name__}); fetch it on a machine with internet into that "
+                              "folder") from None
+    test = cls(str(root), train=False, download=False)
+
+    def as_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets).long()
+
+    (trx, try_), (tex, tey) = as_tensors(train), as_tensors(test)
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    return ImageData(name, trx, try_, tex, tey, mean, std, 10 if name == "cifar10" else 100, 4, 16)
+
+
+def load_dataset(name: str, data_dir: str | Path = "./data", download: bool = True) -> ImageData:
+    """Load ``name`` (cifar10, cifar100, digits) into CPU uint8 tensors; CIFAR downloads when missing."""
+    if name == "digits":
+        return _digits()
+    if name in ("cifar10", "cifar100"):
+        return _cifar(name, data_dir, download)
+    raise ConfigError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+
+
+def check_dataset_available(name: str, data_dir: str | Path) -> None:
+    """Fail early (before any cluster work) when a data set is neither present nor downloadable."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+    if name == "digits":
+        return
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    if (Path(data_dir).expanduser() / folder).is_dir():
+        return
+    import socket
+
+    try:
+        socket.create_connection(("www.cs.toronto.edu", 443), timeout=3).close()
+    except OSError:
+        raise ConfigError(f"{name} not found in {Path(data_dir).expanduser().resolve()} and this machine is "
+                          "offline; download it into that folder first") from None
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of the zero-padded batch back to its size (DARTS' RandomCrop(padding))."""
+    if padding <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def cutout(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero a length x length square (clipped at the border) around a random centre in each image."""
+    if length <= 0:
+        return x
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, 1), device=x.device, generator=generator)
+    cx = torch.randint(0, w, (n, 1), device=x.device, generator=generator)
+    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_y = (ar_h >= cy - length // 2) & (ar_h < cy + length // 2)
+    in_x = (ar_w >= cx - length // 2) & (ar_w < cx + length // 2)
+    keep = ~(in_y[:, :, None] & in_x[:, None, :])
+    return x * keep[:, None].to(x.dtype)
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+def make_batch(data: ImageData, x: torch.Tensor, *, augment: bool, generator: torch.Generator | None,
+               cutout_length: int = 0, crop_padding: int | None = None,
+               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 images -> normalised float batch, with DARTS augmentation when ``augment``."""
+    if augment:
+        assert generator is not None
+        x = random_flip(random_crop(x, data.crop_padding if crop_padding is None else crop_padding, generator),
+                        generator)
+    out = normalize(x, data.mean, data.std)
+    if augment and cutout_length > 0:
+        out = cutout(out, cutout_length, generator)
+    return out.contiguous(memory_format=memory_format)
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, device: torch.device,
+                  drop_last: bool) -> Iterator[torch.Tensor]:
+    """Shuffled (when a generator is given) index batches over ``n`` items."""
+    order = (torch.randperm(n, device=device, generator=generator) if generator is not None
+             else torch.arange(n, device=device))
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]

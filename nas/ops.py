@@ -1,0 +1,229 @@
+"""Candidate operations of the DARTS cell: DARTS primitives, ConvNeXt blocks and PIBConv blocks.
+
+Every primitive is built by a constructor ``(C, stride, affine, options) -> nn.Module`` found in
+:data:`PRIMITIVES`, so op sets and genotypes refer to operations by name only. ``options``
+(:class:`OpOptions`) carries the op-set-wide choices the paper's roadmap varies: activation,
+normalisation and the inverted-bottleneck ratio F.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nas.errors import ConfigError
+
+ACTIVATIONS = ("relu", "gelu")
+NORMS = ("bn", "ln")
+
+
+@dataclass(frozen=True)
+class OpOptions:
+    """Op-set-wide options: activation (relu|gelu), normalisation (bn|ln) and bottleneck ratio F."""
+
+    activation: str = "relu"
+    norm: str = "bn"
+    bottleneck_ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {self.activation!r}; use one of {', '.join(ACTIVATIONS)}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"unknown norm {self.norm!r}; use one of {', '.join(NORMS)}")
+        ratio = self.bottleneck_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+            raise ConfigError(f"bottleneck ratio F must be a positive number, got {ratio!r}")
+        object.__setattr__(self, "bottleneck_ratio", float(ratio))
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel dimension of an NCHW tensor (ConvNeXt's channels-first LN)."""
+
+    def __init__(self, num_channels: int, affine: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(num_channels, eps=eps, elementwise_affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def make_norm(kind: str, channels: int, affine: bool) -> nn.Module:
+    return nn.BatchNorm2d(channels, affine=affine) if kind == "bn" else LayerNorm2d(channels, affine=affine)
+
+
+def make_activation(kind: str) -> nn.Module:
+    return nn.ReLU(inplace=False) if kind == "relu" else nn.GELU()
+
+
+def bottleneck_channels(channels: int, ratio: float) -> int:
+    """C_inv = round(F * C), at least 1."""
+    return max(1, int(round(ratio * channels)))
+
+
+class Zero(nn.Module):
+    """The ``none`` op: a zero tensor of the output shape."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """Halve the resolution with two offset stride-2 1x1 convs (DARTS), odd sizes included."""
+
+    def __init__(self, c_in: int, c_out: int, affine: bool = True, activation: str = "relu", norm: str = "bn") -> None:
+        super().__init__()
+        if c_out % 2:
+            raise ConfigError(f"FactorizedReduce needs an even channel count, got {c_out}")
+        self.act = make_activation(activation)
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.norm = make_norm(norm, c_out, affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(x)
+        shifted = x[:, :, 1:, 1:]
+        if x.shape[2] % 2 or x.shape[3] % 2:
+            shifted = F.pad(shifted, (0, x.shape[3] % 2, 0, x.shape[2] % 2))
+        return self.norm(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+class ActConvNorm(nn.Module):
+    """activation -> conv -> norm; DARTS' ReLUConvBN, used for cell preprocessing."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True,
+                 activation: str = "relu", norm: str = "bn") -> None:
+        super().__init__()
+        self.op = nn.Sequential(
+            make_activation(activation),
+            nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False),
+            make_norm(norm, c_out, affine),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+def dil_conv(c: int, kernel_size: int, stride: int, dilation: int, affine: bool, options: OpOptions) -> nn.Sequential:
+    """DARTS dilated separable conv: act -> dilated depthwise kxk -> 1x1 -> norm."""
+    padding = dilation * (kernel_size - 1) // 2
+    return nn.Sequential(
+        make_activation(options.activation),
+        nn.Conv2d(c, c, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=c, bias=False),
+        nn.Conv2d(c, c, 1, bias=False),
+        make_norm(options.norm, c, affine),
+    )
+
+
+def sep_conv(c: int, kernel_size: int, stride: int, affine: bool, options: OpOptions) -> nn.Sequential:
+    """DARTS separable conv (paper Fig. 2a): the dilated-conv unit stacked twice, stride on the first."""
+    return nn.Sequential(
+        *dil_conv(c, kernel_size, stride, 1, affine, options),
+        *dil_conv(c, kernel_size, 1, 1, affine, options),
+    )
+
+
+def conv_7x1_1x7(c: int, stride: int, affine: bool, options: OpOptions) -> nn.Sequential:
+    return nn.Sequential(
+        make_activation(options.activation),
+        nn.Conv2d(c, c, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+        nn.Conv2d(c, c, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+        make_norm(options.norm, c, affine),
+    )
+
+
+def convnext_block(c: int, kernel_size: int, stride: int, affine: bool, options: OpOptions) -> nn.Sequential:
+    """ConvNeXt inverted bottleneck (paper Fig. 2b): dw kxk -> norm -> 1x1 C->F*C -> act -> 1x1 F*C->C."""
+    c_inv = bottleneck_channels(c, options.bottleneck_ratio)
+    return nn.Sequential(
+        nn.Conv2d(c, c, kernel_size, stride=stride, padding=kernel_size // 2, groups=c, bias=False),
+        make_norm(options.norm, c, affine),
+        nn.Conv2d(c, c_inv, 1, bias=False),
+        make_activation(options.activation),
+        nn.Conv2d(c_inv, c, 1, bias=False),
+    )
+
+
+def pib_conv(c: int, kernel_size: int, stride: int, affine: bool, options: OpOptions) -> nn.Sequential:
+    """PIBConv (paper Fig. 2c): dw kxk -> norm -> 1x1 C->C_inv -> grouped kxk C_inv->C -> act -> 1x1 C->C.
+
+    The grouped conv uses gcd(C_inv, C) groups: depthwise-style (groups = C) for whole-number F.
+    """
+    c_inv = bottleneck_channels(c, options.bottleneck_ratio)
+    pad = kernel_size // 2
+    return nn.Sequential(
+        nn.Conv2d(c, c, kernel_size, stride=stride, padding=pad, groups=c, bias=False),
+        make_norm(options.norm, c, affine),
+        nn.Conv2d(c, c_inv, 1, bias=False),
+        nn.Conv2d(c_inv, c, kernel_size, padding=pad, groups=math.gcd(c_inv, c), bias=False),
+        make_activation(options.activation),
+        nn.Conv2d(c, c, 1, bias=False),
+    )
+
+
+def _skip(c: int, stride: int, affine: bool, options: OpOptions) -> nn.Module:
+    if stride == 1:
+        return nn.Identity()
+    return FactorizedReduce(c, c, affine, options.activation, options.norm)
+
+
+OpConstructor = Callable[[int, int, bool, OpOptions], nn.Module]
+
+PRIMITIVES: dict[str, OpConstructor] = {
+    "none": lambda c, s, a, o: Zero(s),
+    "skip_connect": _skip,
+    "max_pool_3x3": lambda c, s, a, o: nn.MaxPool2d(3, stride=s, padding=1),
+    "avg_pool_3x3": lambda c, s, a, o: nn.AvgPool2d(3, stride=s, padding=1, count_include_pad=False),
+    "conv_7x1_1x7": lambda c, s, a, o: conv_7x1_1x7(c, s, a, o),
+    "dil_conv_3x3": lambda c, s, a, o: dil_conv(c, 3, s, 2, a, o),
+    "dil_conv_5x5": lambda c, s, a, o: dil_conv(c, 5, s, 2, a, o),
+    **{f"sep_conv_{k}x{k}": (lambda k: lambda c, s, a, o: sep_conv(c, k, s, a, o))(k) for k in (3, 5, 7)},
+    **{f"convnext_{k}x{k}": (lambda k: lambda c, s, a, o: convnext_block(c, k, s, a, o))(k) for k in (3, 5, 7)},
+    **{f"pib_conv_{k}x{k}": (lambda k: lambda c, s, a, o: pib_conv(c, k, s, a, o))(k) for k in (3, 5, 7)},
+}
+
+POOLING = frozenset({"max_pool_3x3", "avg_pool_3x3"})
+PARAMETER_FREE = POOLING | {"none"}
+# Ops whose structure depends on the bottleneck ratio F.
+USES_BOTTLENECK_RATIO = frozenset(n for n in PRIMITIVES if n.startswith(("convnext_", "pib_conv_")))
+
+
+def check_primitive(name: str) -> str:
+    if name not in PRIMITIVES:
+        raise ConfigError(f"unknown primitive {name!r}; known primitives: {', '.join(sorted(PRIMITIVES))}")
+    return name
+
+
+def build_op(name: str, channels: int, stride: int, affine: bool, options: OpOptions) -> nn.Module:
+    """Build primitive ``name`` for ``channels`` channels; stride 2 halves the resolution."""
+    return PRIMITIVES[check_primitive(name)](channels, stride, affine, options)
+
+
+def cell_preprocessing(c_prev_prev: int, c_prev: int, c: int, reduction_prev: bool, affine: bool,
+                       activation: str = "relu") -> tuple[nn.Module, nn.Module]:
+    """The two input adapters of a DARTS cell: bring both previous outputs to ``c`` channels and one size.
+
+    They use the op set's activation (the paper swaps ReLU for GELU throughout) and always BN.
+    """
+    pre0 = (FactorizedReduce(c_prev_prev, c, affine, activation) if reduction_prev
+            else ActConvNorm(c_prev_prev, c, 1, 1, 0, affine, activation))
+    return pre0, ActConvNorm(c_prev, c, 1, 1, 0, affine, activation)
+
+
+def cell_layout(layers: int) -> list[bool]:
+    """Which of ``layers`` cells reduce: those at 1/3 and 2/3 of the depth (DARTS)."""
+    return [i in (layers // 3, 2 * layers // 3) for i in range(layers)]
+
+
+def stem(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels))

@@ -1,0 +1,135 @@
+"""The DARTS search network: every cell edge is a softmax(alpha)-weighted mix of all candidate ops."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nas.genotypes import Genotype
+from nas.ops import POOLING, build_op, cell_layout, cell_preprocessing, stem
+from nas.opsets import OpSet
+
+
+class MixedOp(nn.Module):
+    """sum_o w_o * o(x) over the op set. ``none`` contributes exactly zero, so it is not computed
+    (its weight still takes part in the softmax)."""
+
+    def __init__(self, op_set: OpSet, channels: int, stride: int) -> None:
+        super().__init__()
+        self.index = [i for i, name in enumerate(op_set.primitives) if name != "none"]
+        ops = []
+        for i in self.index:
+            name = op_set.primitives[i]
+            op = build_op(name, channels, stride, False, op_set.options)
+            if name in POOLING:  # DARTS normalises pooling outputs in the search network
+                op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
+            ops.append(op)
+        self.ops = nn.ModuleList(ops)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = weights[self.index[0]] * self.ops[0](x)
+        for i, op in zip(self.index[1:], self.ops[1:]):
+            out = out + weights[i] * op(x)
+        return out
+
+
+class SearchCell(nn.Module):
+    def __init__(self, op_set: OpSet, nodes: int, c_prev_prev: int, c_prev: int, c: int, reduction: bool,
+                 reduction_prev: bool) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.nodes = nodes
+        self.pre0, self.pre1 = cell_preprocessing(c_prev_prev, c_prev, c, reduction_prev, False,
+                                                   op_set.options.activation)
+        self.edges = nn.ModuleList(
+            MixedOp(op_set, c, 2 if reduction and j < 2 else 1) for i in range(nodes) for j in range(i + 2))
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        states = [self.pre0(s0), self.pre1(s1)]
+        offset = 0
+        for _ in range(self.nodes):
+            node = sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            offset += len(states)
+            states.append(node)
+        return torch.cat(states[2:], dim=1)
+
+
+def num_edges(nodes: int) -> int:
+    return sum(i + 2 for i in range(nodes))
+
+
+class SearchNetwork(nn.Module):
+    """DARTS' search network: stem (multiplier 3), ``layers`` cells, separate alphas for normal and
+    reduction cells, BN without affine parameters inside the mixed ops."""
+
+    def __init__(self, op_set: OpSet, channels: int = 16, layers: int = 8, nodes: int = 4, num_classes: int = 10,
+                 in_channels: int = 3, stem_multiplier: int = 3) -> None:
+        super().__init__()
+        self.op_set = op_set
+        self.nodes = nodes
+        c_curr = stem_multiplier * channels
+        self.stem = stem(in_channels, c_curr)
+        c_pp, c_p, c_curr = c_curr, c_curr, channels
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for reduction in cell_layout(layers):
+            if reduction:
+                c_curr *= 2
+            self.cells.append(SearchCell(op_set, nodes, c_pp, c_p, c_curr, reduction, reduction_prev))
+            reduction_prev = reduction
+            c_pp, c_p = c_p, nodes * c_curr
+        self.classifier = nn.Linear(c_p, num_classes)
+        k, n_ops = num_edges(nodes), len(op_set.primitives)
+        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(k, n_ops))
+        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(k, n_ops))
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha_normal, self.alpha_reduce]
+
+    def named_weights(self) -> dict[str, nn.Parameter]:
+        """Every parameter except the alphas, by name (for functional calls with substituted weights)."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("alpha_")}
+
+    def weights(self) -> list[nn.Parameter]:
+        return list(self.named_weights().values())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_normal = F.softmax(self.alpha_normal, dim=-1)
+        w_reduce = F.softmax(self.alpha_reduce, dim=-1)
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+        return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
+
+    def genotype(self) -> Genotype:
+        return derive_genotype(F.softmax(self.alpha_normal, -1), F.softmax(self.alpha_reduce, -1), self.op_set,
+                               self.nodes)
+
+
+def derive_genotype(weights_normal: torch.Tensor, weights_reduce: torch.Tensor, op_set: OpSet,
+                    nodes: int = 4) -> Genotype:
+    """DARTS' discretisation: per node keep the two incoming edges whose strongest non-``none`` op is
+    strongest, each with that op. All nodes are concatenated."""
+    prims = op_set.primitives
+    allowed = [i for i, p in enumerate(prims) if p != "none"]
+
+    def parse(weights: torch.Tensor) -> list[tuple[str, int]]:
+        w = weights.detach().float().cpu()
+        gene, start = [], 0
+        for i in range(nodes):
+            block = w[start:start + i + 2][:, allowed]
+            best_val, best_idx = block.max(dim=1)
+            inputs = sorted(range(i + 2), key=lambda j: -best_val[j].item())[:2]
+            gene += [(prims[allowed[best_idx[j].item()]], j) for j in inputs]
+            start += i + 2
+        return gene
+
+    concat = tuple(range(2, nodes + 2))
+    return Genotype(tuple(parse(weights_normal)), concat, tuple(parse(weights_reduce)), concat, op_set.options)
+
+
+def alpha_entropy(weights: torch.Tensor) -> float:
+    """Mean per-edge entropy (nats) of softmax(alpha): how undecided the search still is."""
+    w = weights.detach().float().clamp_min(1e-12)
+    return float(-(w * w.log()).sum(-1).mean())

@@ -1,0 +1,335 @@
+"""Search and evaluation training as library functions.
+
+``run_search`` / ``run_eval`` take a frozen config, optionally a checkpoint state to continue from, and an
+``on_epoch(metrics, make_checkpoint)`` hook called after every epoch; ``make_checkpoint()`` returns a
+state dict holding everything needed to continue exactly (model, optimisers, schedulers, alpha and its
+optimiser, epoch, RNG states). Resuming from epoch k's checkpoint gives the same result as never stopping.
+Nothing here touches a terminal, argparse or globals: the CLI and the Ray trainables drive these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nas import architect
+from nas.config import EvalConfig, SearchConfig
+from nas.data import ImageData, batch_indices, load_dataset, make_batch
+from nas.errors import ConfigError, DivergenceError
+from nas.eval_network import EvalNetwork
+from nas.genotypes import Genotype
+from nas.search_network import SearchNetwork, alpha_entropy
+
+Metrics = dict[str, Any]
+EpochHook = Callable[[Metrics, Callable[[], dict[str, Any]]], None]
+StepHook = Callable[[int, int], None]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def autocast_factory(amp: bool | None, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast when ``amp`` (None: on for CUDA only), else a no-op context."""
+    enabled = device.type == "cuda" if amp is None else amp
+    if not enabled:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class _RunState:
+    epoch: int = 0  # epochs completed
+    history: list[Metrics] = field(default_factory=list)
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "data": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    gen.set_state(state["data"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise DivergenceError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                              "lower the learning rate or check the data")
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             autocast: Callable[[], contextlib.AbstractContextManager],
+             memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy in %) of ``model`` in eval mode on (x, y)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for idx in batch_indices(len(y), batch_size, None, x.device, drop_last=False):
+        inputs = make_batch(data, x[idx], augment=False, generator=None, memory_format=memory_format)
+        with autocast():
+            out = model(inputs)
+        logits = (out[0] if isinstance(out, tuple) else out).float()
+        loss_sum += F.cross_entropy(logits, y[idx], reduction="sum").item()
+        correct += (logits.argmax(1) == y[idx]).sum().item()
+    model.train(was_training)
+    n = max(1, len(y))
+    return loss_sum / n, 100.0 * correct / n
+
+
+def _seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    history: list[Metrics]
+
+
+def build_search(config: SearchConfig, data: ImageData, device: torch.device):
+    """(model, weight optimiser, scheduler, alpha optimiser) for ``config``; seeds the global RNG."""
+    torch.manual_seed(config.seed)
+    model = SearchNetwork(config.resolved_op_set(), config.channels, config.layers, config.nodes,
+                          data.num_classes, data.in_channels).to(device)
+    model = model.to(memory_format=_memory_format(config.channels_last))
+    optimizer = torch.optim.SGD(model.weights(), config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, eta_min=config.lr_min)
+    arch_optimizer = torch.optim.Adam(model.arch_parameters(), config.arch_lr,
+                                      betas=(config.arch_beta1, config.arch_beta2),
+                                      weight_decay=config.arch_weight_decay)
+    return model, optimizer, scheduler, arch_optimizer
+
+
+def search_split(n: int, train_portion: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed split of the training set into the weight half and the alpha half (independent of the seed)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    cut = int(round(n * train_portion))
+    return order[:cut], order[cut:]
+
+
+def run_search(config: SearchConfig, *, data: ImageData | None = None, device: str | torch.device | None = None,
+               resume: dict[str, Any] | None = None, on_epoch: EpochHook | None = None,
+               on_step: StepHook | None = None) -> SearchResult:
+    """Run (or continue) a DARTS search; returns the final derived genotype and per-epoch metrics."""
+    dev = resolve_device(device)
+    data = (data or load_dataset(config.dataset, config.data_dir)).to(dev)
+    model, optimizer, scheduler, arch_optimizer = build_search(config, data, dev)
+    gen = _seeded_generator(config.seed, dev)
+    state = _RunState()
+    if resume is not None:
+        _check_resume(resume, "search", config.to_dict())
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        arch_optimizer.load_state_dict(resume["arch_optimizer"])
+        _set_rng_state(resume["rng"], gen)
+        state = _RunState(resume["epoch"], list(resume["history"]))
+    autocast = autocast_factory(config.amp, dev)
+    fmt = _memory_format(config.channels_last)
+    w_idx, a_idx = (t.to(dev) for t in search_split(len(data.train_y), config.train_portion))
+    x_w, y_w, x_a, y_a = data.train_x[w_idx], data.train_y[w_idx], data.train_x[a_idx], data.train_y[a_idx]
+
+    def make_checkpoint() -> dict[str, Any]:
+        return {"phase": "search", "epoch": state.epoch, "config": config.to_dict(),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "arch_optimizer": arch_optimizer.state_dict(),
+                "rng": _rng_state(gen), "history": list(state.history)}
+
+    while state.epoch < config.epochs:
+        epoch, start = state.epoch, time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        model.train()
+        w_batches = list(batch_indices(len(y_w), config.batch_size, gen, dev, drop_last=True))
+        a_batches = list(batch_indices(len(y_a), config.batch_size, gen, dev, drop_last=True))
+        steps = len(w_batches) if config.max_steps_per_epoch is None else min(len(w_batches),
+                                                                              config.max_steps_per_epoch)
+        loss_sum = correct = seen = 0.0
+        for step in range(steps):
+            bw, ba = w_batches[step], a_batches[step % len(a_batches)]
+            train = (make_batch(data, x_w[bw], augment=True, generator=gen, memory_format=fmt), y_w[bw])
+            valid = (make_batch(data, x_a[ba], augment=True, generator=gen, memory_format=fmt), y_a[ba])
+            # architecture step
+            arch_optimizer.zero_grad(set_to_none=True)
+            if config.order == 2:
+                grads = architect.second_order_alpha_grads(
+                    model, train, valid, lr, config.momentum, config.weight_decay,
+                    architect.momentum_buffers(optimizer, model), autocast)
+            else:
+                grads = architect.first_order_alpha_grads(model, valid, autocast)
+            for a, g in zip(model.arch_parameters(), grads):
+                a.grad = g
+            arch_optimizer.step()
+            # weight step
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                logits = model(train[0]).float()
+            loss = F.cross_entropy(logits, train[1])
+            _check_finite(loss, epoch, step)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.weights(), config.grad_clip)
+            optimizer.step()
+            n = len(train[1])
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(1) == train[1]).sum().item()
+            seen += n
+            if on_step is not None:
+                on_step(step + 1, steps)
+        scheduler.step()
+        valid_loss, valid_acc = evaluate(model, data, x_a, y_a, max(config.batch_size, 256), autocast, fmt)
+        if not math.isfinite(valid_loss):
+            raise DivergenceError(f"validation loss became {valid_loss} at epoch {epoch + 1}")
+        w_normal = F.softmax(model.alpha_normal.detach().float(), -1)
+        w_reduce = F.softmax(model.alpha_reduce.detach().float(), -1)
+        elapsed = time.perf_counter() - start
+        state.epoch += 1
+        metrics = {
+            "epoch": state.epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1),
+            "train_acc": 100.0 * correct / max(seen, 1), "valid_loss": valid_loss, "valid_acc": valid_acc,
+            "alpha_entropy_normal": alpha_entropy(w_normal), "alpha_entropy_reduce": alpha_entropy(w_reduce),
+            "genotype": model.genotype().to_dict(), "alpha_normal": w_normal.tolist(),
+            "alpha_reduce": w_reduce.tolist(), "primitives": list(model.op_set.primitives),
+            "epoch_time_s": elapsed, "images_per_s": seen / elapsed if elapsed > 0 else 0.0,
+        }
+        state.history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics, make_checkpoint)
+    return SearchResult(model.genotype(), state.history)
+
+
+# -------------------------------------------------------------------------------------------------- eval
+
+@dataclass
+class EvalResult:
+    test_acc: float
+    best_test_acc: float
+    history: list[Metrics]
+
+
+def build_eval(config: EvalConfig, data: ImageData, device: torch.device):
+    """(model, optimiser, scheduler) for ``config``; seeds the global RNG."""
+    torch.manual_seed(config.seed)
+    model = EvalNetwork(config.resolved_genotype(), config.channels, config.layers, data.num_classes,
+                        data.in_channels, auxiliary=config.auxiliary).to(device)
+    model = model.to(memory_format=_memory_format(config.channels_last))
+    optimizer = torch.optim.SGD(model.parameters(), config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, eta_min=config.lr_min)
+    return model, optimizer, scheduler
+
+
+def eval_loss(model: EvalNetwork, inputs: torch.Tensor, targets: torch.Tensor, aux_weight: float,
+              autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss including the weighted auxiliary loss, logits) for one training batch."""
+    with autocast():
+        logits, logits_aux = model(inputs)
+    logits = logits.float()
+    loss = F.cross_entropy(logits, targets)
+    if logits_aux is not None:
+        loss = loss + aux_weight * F.cross_entropy(logits_aux.float(), targets)
+    return loss, logits
+
+
+def run_eval(config: EvalConfig, *, data: ImageData | None = None, device: str | torch.device | None = None,
+             resume: dict[str, Any] | None = None, on_epoch: EpochHook | None = None,
+             on_step: StepHook | None = None) -> EvalResult:
+    """Train ``config.genotype`` at ``config.layers`` cells from scratch (or continue); reports test top-1."""
+    dev = resolve_device(device)
+    data = (data or load_dataset(config.dataset, config.data_dir)).to(dev)
+    model, optimizer, scheduler = build_eval(config, data, dev)
+    gen = _seeded_generator(config.seed, dev)
+    state = _RunState()
+    if resume is not None:
+        _check_resume(resume, "eval", config.to_dict())
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        _set_rng_state(resume["rng"], gen)
+        state = _RunState(resume["epoch"], list(resume["history"]))
+    autocast = autocast_factory(config.amp, dev)
+    fmt = _memory_format(config.channels_last)
+    cutout_length = (data.cutout_length if config.cutout_length is None else config.cutout_length) \
+        if config.cutout else 0
+
+    def make_checkpoint() -> dict[str, Any]:
+        return {"phase": "eval", "epoch": state.epoch, "config": config.to_dict(), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(gen), "history": list(state.history)}
+
+    while state.epoch < config.epochs:
+        epoch, start = state.epoch, time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        model.drop_path_prob = config.drop_path * epoch / config.epochs
+        model.train()
+        batches = list(batch_indices(len(data.train_y), config.batch_size, gen, dev, drop_last=True))
+        if config.max_steps_per_epoch is not None:
+            batches = batches[:config.max_steps_per_epoch]
+        loss_sum = correct = seen = 0.0
+        for step, idx in enumerate(batches):
+            inputs = make_batch(data, data.train_x[idx], augment=True, generator=gen, cutout_length=cutout_length,
+                                memory_format=fmt)
+            targets = data.train_y[idx]
+            optimizer.zero_grad(set_to_none=True)
+            loss, logits = eval_loss(model, inputs, targets, config.auxiliary_weight, autocast)
+            _check_finite(loss, epoch, step)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            loss_sum += loss.item() * len(targets)
+            correct += (logits.argmax(1) == targets).sum().item()
+            seen += len(targets)
+            if on_step is not None:
+                on_step(step + 1, len(batches))
+        scheduler.step()
+        test_loss, test_acc = evaluate(model, data, data.test_x, data.test_y, max(config.batch_size, 256),
+                                       autocast, fmt)
+        elapsed = time.perf_counter() - start
+        state.epoch += 1
+        best = max([h["test_acc"] for h in state.history] + [test_acc])
+        metrics = {"epoch": state.epoch, "lr": lr, "drop_path_prob": model.drop_path_prob,
+                   "train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
+                   "test_loss": test_loss, "test_acc": test_acc, "best_test_acc": best,
+                   "epoch_time_s": elapsed, "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
+        state.history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics, make_checkpoint)
+    final = state.history[-1]["test_acc"] if state.history else float("nan")
+    best = max((h["test_acc"] for h in state.history), default=float("nan"))
+    return EvalResult(final, best, state.history)
+
+
+def _check_resume(resume: dict[str, Any], phase: str, config: dict[str, Any]) -> None:
+    if resume.get("phase") != phase:
+        raise ConfigError(f"checkpoint is from the {resume.get('phase')!r} phase, not {phase!r}")
+    saved = dict(resume.get("config", {}))
+    changed = sorted(k for k in config if k != "data_dir" and saved.get(k) != config[k])
+    if changed:
+        raise ConfigError(f"checkpoint was written with a different config ({', '.join(changed)}); "
+                          "resume with the same settings or start a new run")
