@@ -1,0 +1,157 @@
+"""Sweep directories to tidy pandas frames, offline (no Ray cluster, nothing written).
+
+``trials_frame(dir)``: one row per trial. Columns:
+
+==================  =====================================================================================
+stage               ``search`` or ``eval``
+trial_id            Ray Tune trial id
+status              ``finished`` | ``errored`` | ``diverged`` | ``unfinished`` (running, pending or cut off)
+ray_status          Ray Tune's own status (TERMINATED, ERROR, RUNNING, PENDING; '' when unknown)
+op_set              op set id (``pibconv``, ``pibconv-F2.5``, ``custom-...``)
+F                   bottleneck ratio (NaN when the ops do not use one)
+genotype_id         eval: the trained genotype's id; search: the derived genotype's id at the last epoch
+layers, seed        eval layer count (NaN for search) and the trial's seed
+epochs_done         last epoch reported; ``epochs_total``: epochs configured
+final_acc           search: valid_acc at the last epoch; eval: test_acc at the last epoch (percent)
+best_acc            the best of the same over all epochs
+params_m, gmac      eval: parameters (M, auxiliary head excluded) and GMACs of the trained network
+wall_time_s         seconds of training reported (sum of epoch times)
+error               first line of the error (error.txt, or the divergence message)
+trial_dir           the trial's folder
+==================  =====================================================================================
+
+``history_frame(dir)``: one row per (trial, epoch) with every scalar metric reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from nas.errors import ConfigError
+
+TRIAL_COLUMNS = ["stage", "trial_id", "status", "ray_status", "op_set", "F", "genotype_id", "layers", "seed",
+                 "epochs_done", "epochs_total", "final_acc", "best_acc", "params_m", "gmac", "wall_time_s", "error",
+                 "trial_dir"]
+
+
+def _read_results(path: Path) -> list[dict[str, Any]]:
+    """result.json (JSON lines), deduplicated by epoch keeping the last (a lost checkpoint repeats epochs)."""
+    rows: dict[Any, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row.get("epoch", row.get("training_iteration"))] = row
+    return [rows[k] for k in sorted(rows, key=lambda v: (v is None, v))]
+
+
+def _ray_statuses(stage_dir: Path) -> dict[str, tuple[str, str]]:
+    """trial_id -> (Ray status, error message) from the experiment state, when readable."""
+    try:
+        from ray.tune import ExperimentAnalysis
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analysis = ExperimentAnalysis(str(stage_dir))
+        out = {}
+        for t in analysis.trials:
+            message = ""
+            if t.status == "ERROR":
+                err = Path(t.local_path or "", "error.txt") if getattr(t, "local_path", None) else None
+                message = getattr(t, "error_message", None) or (err.read_text() if err and err.is_file() else "")
+            out[t.trial_id] = (t.status, message)
+        return out
+    except Exception:  # noqa: BLE001 - a copied or partial folder: fall back to the files
+        return {}
+
+
+def _first_error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "Exception" in ln]
+    return (errors[-1] if errors else lines[-1] if lines else "")[:300]
+
+
+def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[dict], list[dict]]:
+    statuses = _ray_statuses(stage_dir)
+    trials, history = [], []
+    for trial_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir() and (p / "params.json").exists()):
+        try:
+            params = json.loads((trial_dir / "params.json").read_text())
+            results = _read_results(trial_dir / "result.json") if (trial_dir / "result.json").exists() else []
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            skipped.append(str(trial_dir))
+            continue
+        last = results[-1] if results else {}
+        trial_id = last.get("trial_id") or trial_dir.name.rsplit("_", 1)[-1]
+        ray_status, ray_error = statuses.get(trial_id, ("", ""))
+        error_file = trial_dir / "error.txt"
+        epochs_total = params.get("base", {}).get("epochs", 50 if stage == "search" else 600)
+        metric = "valid_acc" if stage == "search" else "test_acc"
+        accs = [r[metric] for r in results if isinstance(r.get(metric), (int, float))]
+        if last.get("diverged"):
+            status, error = "diverged", last.get("error", "diverged")
+        elif ray_status == "ERROR" or (not ray_status and error_file.exists()):
+            status = "errored"
+            error = _first_error_line(ray_error or (error_file.read_text() if error_file.exists() else ""))
+        elif last.get("epoch") == epochs_total and ray_status in ("TERMINATED", ""):
+            status, error = "finished", ""
+        elif ray_status == "TERMINATED":  # stopped early by the scheduler
+            status, error = "finished", "stopped early by the scheduler"
+        else:
+            status, error = "unfinished", ""
+        genotype = last.get("genotype_id")
+        if genotype is None and isinstance(last.get("genotype"), dict):
+            from nas.genotypes import Genotype
+
+            genotype = Genotype.from_dict(last["genotype"]).id
+        trials.append({
+            "stage": stage, "trial_id": trial_id, "status": status, "ray_status": ray_status,
+            "op_set": last.get("op_set", params.get("op_set")), "F": _num(last.get("F", params.get("F"))),
+            "genotype_id": genotype or params.get("genotype"), "layers": _num(last.get("layers", params.get("layers"))),
+            "seed": _num(last.get("seed", params.get("seed"))), "epochs_done": int(last.get("epoch", 0) or 0),
+            "epochs_total": epochs_total, "final_acc": accs[-1] if accs else math.nan,
+            "best_acc": max(accs) if accs else math.nan, "params_m": _num(last.get("params_m")),
+            "gmac": _num(last.get("gmac")), "wall_time_s": sum(r.get("epoch_time_s", 0.0) or 0.0 for r in results),
+            "error": error, "trial_dir": str(trial_dir),
+        })
+        for r in results:
+            history.append({"stage": stage, "trial_id": trial_id, **{k: v for k, v in r.items()
+                                                                     if isinstance(v, (int, float, str, type(None)))
+                                                                     and k != "trial_id"}})
+    return trials, history
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def load_frames(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, history) frames of a sweep directory; corrupt trial files are skipped with one warning."""
+    root = Path(sweep_dir).expanduser()
+    stage_dirs = [(s, root / s) for s in ("search", "eval") if (root / s).is_dir()]
+    if not (root / "sweep.yaml").is_file() and not stage_dirs:
+        raise ConfigError(f"{root} is not a sweep directory (no sweep.yaml, search/ or eval/)")
+    trials: list[dict] = []
+    history: list[dict] = []
+    skipped: list[str] = []
+    for stage, path in stage_dirs:
+        t, h = _stage_rows(stage, path, skipped)
+        trials += t
+        history += h
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} trial(s) with corrupt or unreadable result files: "
+                      f"{', '.join(Path(s).name for s in skipped)}", stacklevel=2)
+    return pd.DataFrame(trials, columns=TRIAL_COLUMNS), pd.DataFrame(history)
+
+
+def trials_frame(sweep_dir: str | Path) -> pd.DataFrame:
+    return load_frames(sweep_dir)[0]
+
+
+def history_frame(sweep_dir: str | Path) -> pd.DataFrame:
+    return load_frames(sweep_dir)[1]

@@ -1,0 +1,64 @@
+"""``dartsweep sweep run|resume|status``: thin CLI over ``sweeps.driver``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sweeps.driver import format_table, run_sweep, trial_table
+    from sweeps.spec import load_sweep
+
+    spec = load_sweep(args.sweep)
+    if args.dry_run:
+        rows = trial_table(spec)
+        print(json.dumps(rows) if args.json else format_table(rows))
+        n_search = sum(r["stage"] == "search" for r in rows)
+        n_eval = sum(r["stage"] == "eval" and isinstance(r.get("layers"), int) for r in rows)
+        print(f"{spec.name}: {n_search} search trial(s), {n_eval} eval trial(s) listed; nothing launched",
+              file=sys.stderr)
+        return 0
+    path = run_sweep(spec, storage=args.storage, address=args.address, verbose=args.verbose)
+    print(path)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from sweeps.driver import resume_sweep
+
+    print(resume_sweep(args.dir, address=args.address, verbose=args.verbose))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sweeps.status import sweep_status
+
+    print(sweep_status(Path(args.dir), as_json=args.json))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    sweep = sub.add_parser("sweep", help="launch, resume or inspect a Ray Tune sweep").add_subparsers(
+        dest="sweep_command", required=True, metavar="ACTION")
+    p = sweep.add_parser("run", help="launch a sweep from a YAML file or a built-in name")
+    p.add_argument("sweep", help="sweep YAML path or built-in name (quickstart, paper_table1, roadmap, f_sweep, "
+                                 "optuna_pareto)")
+    p.add_argument("--address", help="Ray cluster: auto | ray://HOST:PORT (default: an embedded local Ray)")
+    p.add_argument("--storage", help="where sweep folders go (local or shared path; default from the file, "
+                                     "else ./results)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the trial table; train nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the table as JSON")
+    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Ray Tune console verbosity")
+    p.set_defaults(func=cmd_run)
+    p = sweep.add_parser("resume", help="continue unfinished and errored trials of a sweep")
+    p.add_argument("dir")
+    p.add_argument("--address")
+    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    p.set_defaults(func=cmd_resume)
+    p = sweep.add_parser("status", help="one line per trial: stage, state, epoch, latest metrics, error")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)

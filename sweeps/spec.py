@@ -1,0 +1,359 @@
+"""Sweep definition files: YAML (``safe_load``), validated completely before Ray starts.
+
+A sweep has an optional ``search`` stage (grid over op sets, F and seeds) and an optional ``eval`` stage
+(grid over genotypes, layers, seeds and optionally F). Every key is checked: a typo, an unknown op set
+or primitive, F <= 0, layers < 1, an empty grid or a missing data set is one error naming the key and the
+bad value. Nothing in the file is evaluated as code.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from nas.config import EvalConfig, SearchConfig, config_from_mapping
+from nas.errors import ConfigError
+from nas.genotypes import GENOTYPES, Genotype, load_genotype
+from nas.opsets import OP_SETS, OpSet, resolve_op_set
+
+TOP_KEYS = {"name", "description", "dataset", "data_dir", "storage", "search", "eval", "failure",
+            "max_concurrent_trials"}
+STAGE_KEYS = {"seeds", "checkpoint_every", "resources", "search_alg", "scheduler"}
+SEARCH_GRID_KEYS = {"op_sets", "F"}
+EVAL_GRID_KEYS = {"genotypes", "layers", "F"}
+SEARCH_ALGS = ("grid", "random", "optuna")
+SEARCHED = "searched"
+# per-data-set input shape (channels, size, classes): lets a dry run price trials without loading data
+DATASET_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "digits": (1, 8, 10)}
+
+
+def _fail(where: str, message: str) -> ConfigError:
+    return ConfigError(f"{where}: {message}")
+
+
+def _grid(stage: Mapping[str, Any], key: str, where: str, default: Any = None) -> Any:
+    """A grid axis: a non-empty list, or a {min, max} range (random/optuna only)."""
+    value = stage.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        if set(value) != {"min", "max"}:
+            raise _fail(f"{where}.{key}", f"a range needs exactly 'min' and 'max', got {dict(value)}")
+        if not all(isinstance(value[k], (int, float)) and not isinstance(value[k], bool) for k in ("min", "max")) \
+                or value["min"] > value["max"]:
+            raise _fail(f"{where}.{key}", f"range min/max must be numbers with min <= max, got {dict(value)}")
+        return dict(value)
+    if not isinstance(value, list):
+        value = [value]
+    if not value:
+        raise _fail(f"{where}.{key}", "is an empty list; give at least one value")
+    return list(value)
+
+
+@dataclass(frozen=True)
+class SearchAlg:
+    type: str = "grid"
+    num_samples: int = 1
+    metric: tuple[str, ...] = ()
+    mode: tuple[str, ...] = ()
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metric) > 1
+
+
+def _search_alg(raw: Any, where: str, default_metric: str) -> SearchAlg:
+    raw = {"type": raw} if isinstance(raw, str) else dict(raw or {})
+    unknown = set(raw) - {"type", "num_samples", "metric", "mode", "seed"}
+    if unknown:
+        raise _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: metric, mode, num_samples, seed, type")
+    kind = raw.get("type", "grid")
+    if kind not in SEARCH_ALGS:
+        raise _fail(f"{where}.type", f"unknown search algorithm {kind!r}; use one of {', '.join(SEARCH_ALGS)}")
+    num = raw.get("num_samples", 1)
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        raise _fail(f"{where}.num_samples", f"must be an integer >= 1, got {num!r}")
+    metric = raw.get("metric", default_metric)
+    metric = tuple(metric) if isinstance(metric, list) else (metric,)
+    mode = raw.get("mode", ["max" if m.endswith("acc") else "min" for m in metric])
+    mode = tuple(mode) if isinstance(mode, list) else (mode,)
+    if len(mode) != len(metric) or any(m not in ("max", "min") for m in mode):
+        raise _fail(f"{where}.mode", f"needs one of max|min per metric {list(metric)}, got {list(mode)}")
+    if kind != "optuna" and len(metric) > 1:
+        raise _fail(f"{where}.metric", "several objectives need type: optuna")
+    return SearchAlg(kind, num, metric, mode)
+
+
+def _resources(raw: Any, where: str) -> dict[str, float]:
+    raw = dict(raw or {"cpu": 1})
+    unknown = set(raw) - {"cpu", "gpu"}
+    if unknown:
+        raise _fail(where, f"unknown resource(s) {sorted(unknown)}; use cpu and gpu")
+    for k, v in raw.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise _fail(f"{where}.{k}", f"must be a number >= 0, got {v!r}")
+    if raw.get("cpu", 1) <= 0 and raw.get("gpu", 0) <= 0:
+        raise _fail(where, "a trial needs some cpu or gpu")
+    gpu = raw.get("gpu", 0)
+    if gpu > 1 and int(gpu) != gpu:
+        raise _fail(f"{where}.gpu", f"more than one GPU must be a whole number, got {gpu}")
+    return {"cpu": float(raw.get("cpu", 1)), "gpu": float(gpu)}
+
+
+def _check_ratios(F: list | dict | None, where: str) -> None:
+    values = F if isinstance(F, list) else [F["min"], F["max"]] if F else []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise _fail(where, f"bottleneck ratio F must be a positive number, got {value!r}")
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise _fail(where, f"must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _scheduler(raw: Any, where: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    raw = {"type": raw} if isinstance(raw, str) else dict(raw)
+    if raw.get("type") != "asha":
+        raise _fail(f"{where}.type", f"unknown scheduler {raw.get('type')!r}; the only one is asha")
+    unknown = set(raw) - {"type", "grace_period", "reduction_factor", "metric", "mode"}
+    if unknown:
+        raise _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: grace_period, metric, mode, reduction_factor")
+    out = {"type": "asha", "grace_period": raw.get("grace_period", 1), "reduction_factor": raw.get("reduction_factor", 3),
+           "metric": raw.get("metric", "test_acc"), "mode": raw.get("mode", "max")}
+    _positive_int(out["grace_period"], f"{where}.grace_period")
+    if not isinstance(out["reduction_factor"], (int, float)) or out["reduction_factor"] <= 1:
+        raise _fail(f"{where}.reduction_factor", f"must be > 1, got {out['reduction_factor']!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: the grid axes, the fixed config fields, and how Ray runs it."""
+
+    kind: str  # "search" | "eval"
+    axes: dict[str, Any]  # search: op_sets (id->mapping), F, seeds; eval: genotypes, layers, F, seeds
+    base: dict[str, Any]  # fixed SearchConfig / EvalConfig fields
+    resources: dict[str, float]
+    checkpoint_every: int
+    search_alg: SearchAlg
+    scheduler: dict[str, Any] | None
+
+    @property
+    def metric(self) -> str:
+        return "valid_acc" if self.kind == "search" else "test_acc"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    dataset: str
+    data_dir: str
+    storage: str | None
+    search: Stage | None
+    eval: Stage | None
+    max_failures: int
+    max_concurrent_trials: int | None
+    raw: dict[str, Any]  # the resolved file, frozen into the sweep directory
+
+    @property
+    def uses_searched(self) -> bool:
+        return self.eval is not None and SEARCHED in self.eval.axes["genotypes"]
+
+
+def _config_fields(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _split_stage(raw: Mapping[str, Any], kind: str, where: str) -> tuple[dict, dict]:
+    cls = SearchConfig if kind == "search" else EvalConfig
+    grid_keys = SEARCH_GRID_KEYS if kind == "search" else EVAL_GRID_KEYS
+    owned = {"dataset", "data_dir", "seed", "op_set", "bottleneck_ratio", "genotype"}
+    allowed = (STAGE_KEYS | grid_keys | _config_fields(cls)) - (owned - grid_keys)
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise _fail(where, f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
+    base = {k: v for k, v in raw.items() if k in _config_fields(cls) and k not in grid_keys}
+    return dict(raw), base
+
+
+def _search_stage(raw: Any, dataset: str, data_dir: str) -> Stage:
+    where = "search"
+    if not isinstance(raw, Mapping):
+        raise _fail(where, "must be a mapping of settings")
+    raw, base = _split_stage(raw, "search", where)
+    op_specs = _grid(raw, "op_sets", where, default=["pibconv"])
+    if isinstance(op_specs, dict):
+        raise _fail(f"{where}.op_sets", "must be a list of op set names or mappings, not a range")
+    F = _grid(raw, "F", where)
+    alg = _search_alg(raw.get("search_alg"), f"{where}.search_alg", "valid_acc")
+    if isinstance(F, dict) and alg.type == "grid":
+        raise _fail(f"{where}.F", "a {min, max} range needs search_alg random or optuna; give a list for a grid")
+    _check_ratios(F, f"{where}.F")
+    op_sets: dict[str, dict] = {}
+    for i, spec in enumerate(op_specs):
+        try:
+            preset = resolve_op_set(spec)
+        except ConfigError as exc:
+            raise _fail(f"{where}.op_sets[{i}]", str(exc)) from None
+        for ratio in (F if isinstance(F, list) else [None]):
+            op_set = preset.with_ratio(float(ratio)) if ratio is not None and preset.uses_bottleneck_ratio else preset
+            op_sets[op_set.id] = op_set.to_dict()
+    seeds = _grid(raw, "seeds", where, default=[0])
+    base_full = {**base, "dataset": dataset, "data_dir": data_dir}
+    for seed in seeds:  # every trial's config is built once here, so bad values fail now
+        for mapping in op_sets.values():
+            config_from_mapping(SearchConfig, {**base_full, "op_set": mapping, "seed": seed}, where)
+    axes = {"op_sets": op_sets, "F": F if isinstance(F, dict) else None, "seeds": seeds}
+    return Stage("search", axes, base_full, _resources(raw.get("resources"), f"{where}.resources"),
+                 _positive_int(raw.get("checkpoint_every", 1), f"{where}.checkpoint_every"), alg,
+                 _scheduler(raw.get("scheduler"), f"{where}.scheduler"))
+
+
+def _eval_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, has_search: bool) -> Stage:
+    where = "eval"
+    if not isinstance(raw, Mapping):
+        raise _fail(where, "must be a mapping of settings")
+    raw, base = _split_stage(raw, "eval", where)
+    specs = _grid(raw, "genotypes", where, default=[SEARCHED] if has_search else None)
+    if specs is None or isinstance(specs, dict):
+        raise _fail(f"{where}.genotypes", "needs a list: 'searched', built-in names or genotype JSON files")
+    genotypes: dict[str, Any] = {}
+    for i, spec in enumerate(specs):
+        if spec == SEARCHED:
+            if not has_search:
+                raise _fail(f"{where}.genotypes[{i}]", "'searched' needs a search stage in this sweep")
+            genotypes[SEARCHED] = SEARCHED
+            continue
+        if isinstance(spec, str) and spec not in GENOTYPES and not Path(spec).is_absolute():
+            spec = str(base_dir / spec) if (base_dir / spec).is_file() else spec
+        try:
+            g = load_genotype(spec)
+        except ConfigError as exc:
+            raise _fail(f"{where}.genotypes[{i}]", str(exc)) from None
+        genotypes[g.id] = g.to_dict()
+    layers = _grid(raw, "layers", where, default=[20])
+    F = _grid(raw, "F", where)
+    alg = _search_alg(raw.get("search_alg"), f"{where}.search_alg", "test_acc")
+    for key, axis in (("layers", layers), ("F", F)):
+        if isinstance(axis, dict) and alg.type == "grid":
+            raise _fail(f"{where}.{key}", "a {min, max} range needs search_alg random or optuna; give a list for a grid")
+    for value in (layers if isinstance(layers, list) else [layers["min"], layers["max"]]):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _fail(f"{where}.layers", f"every layer count must be an integer >= 1, got {value!r}")
+    _check_ratios(F, f"{where}.F")
+    seeds = _grid(raw, "seeds", where, default=[0])
+    base_full = {**base, "dataset": dataset, "data_dir": data_dir}
+    for g in genotypes.values():
+        if g != SEARCHED:
+            config_from_mapping(EvalConfig, {**base_full, "genotype": g, "layers": 1, "seed": seeds[0]}, where)
+    if not genotypes:
+        raise _fail(f"{where}.genotypes", "is empty")
+    scheduler = _scheduler(raw.get("scheduler"), f"{where}.scheduler")
+    if scheduler and alg.multi_objective:
+        raise _fail(f"{where}.scheduler", "ASHA cannot prune a multi-objective search; drop the scheduler")
+    axes = {"genotypes": genotypes, "layers": layers, "F": F, "seeds": seeds}
+    return Stage("eval", axes, base_full, _resources(raw.get("resources"), f"{where}.resources"),
+                 _positive_int(raw.get("checkpoint_every", 1), f"{where}.checkpoint_every"), alg, scheduler)
+
+
+def parse_sweep(raw: Any, base_dir: Path = Path(".")) -> SweepSpec:
+    """Validate a parsed sweep file; relative genotype paths resolve against ``base_dir``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("a sweep file must be a YAML mapping with at least 'name' and a 'search' or 'eval' stage")
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"name: must be a folder name (no '/'), got {name!r}")
+    dataset = raw.get("dataset", "cifar10")
+    if dataset not in DATASET_SHAPES:
+        raise ConfigError(f"dataset: unknown dataset {dataset!r}; use one of {', '.join(DATASET_SHAPES)}")
+    data_dir = str(raw.get("data_dir", "./data"))
+    if "search" not in raw and "eval" not in raw:
+        raise ConfigError("a sweep needs a 'search' stage, an 'eval' stage, or both")
+    search = _search_stage(raw["search"], dataset, data_dir) if "search" in raw else None
+    evaluation = _eval_stage(raw["eval"], dataset, data_dir, base_dir, search is not None) if "eval" in raw else None
+    failure = raw.get("failure") or {}
+    if not isinstance(failure, Mapping) or set(failure) - {"max_failures"}:
+        raise ConfigError(f"failure: only 'max_failures' is allowed, got {failure!r}")
+    max_failures = failure.get("max_failures", 2)
+    if not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 0:
+        raise ConfigError(f"failure.max_failures: must be an integer >= 0, got {max_failures!r}")
+    mct = raw.get("max_concurrent_trials")
+    if mct is not None:
+        _positive_int(mct, "max_concurrent_trials")
+    resolved = copy.deepcopy(dict(raw))
+    if evaluation is not None:  # freeze genotype files into the sweep so later edits cannot change it
+        resolved["eval"]["genotypes"] = [SEARCHED if v == SEARCHED else v for v in evaluation.axes["genotypes"].values()]
+    storage = raw.get("storage")
+    return SweepSpec(name, dataset, data_dir, None if storage is None else str(storage), search, evaluation,
+                     max_failures, mct, resolved)
+
+
+def builtin_sweeps() -> dict[str, Path]:
+    folder = resources.files("sweeps") / "definitions"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_sweep(file_or_name: str | Path) -> SweepSpec:
+    """Load a sweep from a YAML path or a built-in definition name (``quickstart``, ``paper_table1``, ...)."""
+    text = str(file_or_name)
+    path = Path(text)
+    if not path.is_file():
+        known = builtin_sweeps()
+        if text not in known:
+            raise ConfigError(f"sweep {text!r} is neither a file nor a built-in definition ({', '.join(sorted(known))})")
+        path = known[text]
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_sweep(raw, path.parent)
+
+
+# ------------------------------------------------------------------------------------------- trial tables
+
+def search_trials(stage: Stage) -> list[dict[str, Any]]:
+    """The grid's search trials (op set id, F, seed); random/optuna stages list their space instead."""
+    return [{"op_set": op_id, "F": OpSet.from_dict(m).options.bottleneck_ratio if OpSet.from_dict(m).uses_bottleneck_ratio
+             else None, "seed": seed}
+            for op_id, m in stage.axes["op_sets"].items() for seed in stage.axes["seeds"]]
+
+
+def eval_trials(stage: Stage, genotypes: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Grid eval trials for the given resolved genotypes (id -> dict)."""
+    layers, F = stage.axes["layers"], stage.axes["F"]
+    ratios = F if isinstance(F, list) else [None]
+    return [{"genotype": gid, "layers": n, "F": ratio, "seed": seed}
+            for gid, n, ratio, seed in itertools.product(genotypes, layers, ratios, stage.axes["seeds"])]
+
+
+def genotype_for_trial(genotype: Mapping[str, Any], F: float | None) -> Genotype:
+    g = Genotype.from_dict(genotype)
+    if F is None:
+        return g
+    from dataclasses import replace
+
+    return replace(g, options=replace(g.options, bottleneck_ratio=float(F)), name=None if g.name is None else
+                   (g.name if g.options.bottleneck_ratio == float(F) else f"{g.name}-F{float(F):g}"))
+
+
+def op_set_id_for(genotype: Genotype) -> str:
+    """The preset an (unannotated) genotype's ops and options come from, else 'custom'."""
+    for name, preset in OP_SETS.items():
+        if genotype.primitives <= set(preset.primitives) and genotype.options.activation == preset.options.activation \
+                and genotype.options.norm == preset.options.norm:
+            op_set = preset.with_ratio(genotype.options.bottleneck_ratio)
+            return op_set.id
+    return "custom"

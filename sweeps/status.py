@@ -1,0 +1,34 @@
+"""One line per trial: stage, state, epoch reached, latest metrics, error summary (read offline)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from nas.errors import ConfigError
+
+
+def sweep_status(path: Path, as_json: bool = False) -> str:
+    from analysis.frames import trials_frame
+    from sweeps.driver import SweepDir
+
+    sweep = SweepDir(path.expanduser())
+    if not sweep.is_sweep():
+        raise ConfigError(f"{path} is not a sweep directory (no sweep.yaml); pass the folder `sweep run` printed")
+    frame = trials_frame(sweep.path)
+    if as_json:
+        return frame.to_json(orient="records")
+    stages = sweep.read_state().get("stages", {})
+    lines = [f"sweep {sweep.path.name}: " + ", ".join(f"{s} {stages.get(s, 'not started')}" for s in ("search", "eval"))]
+    for _, r in frame.iterrows():
+        what = (f"{r.op_set}" + (f" F={r.F:g}" if not math.isnan(r.F) else "") if r.stage == "search"
+                else f"{r.genotype_id} L={int(r.layers)}")
+        acc = "valid" if r.stage == "search" else "test"
+        metric = f"{acc}_acc {r.final_acc:.2f} (best {r.best_acc:.2f})" if not math.isnan(r.final_acc) else "no results"
+        extra = f"  {r.params_m:.3g}M params {r.gmac:.3g} GMAC" if r.stage == "eval" and not math.isnan(r.gmac) else ""
+        err = f"  error: {r.error}" if r.error else ""
+        lines.append(f"{r.stage:<6} {r.trial_id:<12} {r.status:<10} epoch {r.epochs_done}/{r.epochs_total}  {what}"
+                     f" seed={int(r.seed) if not math.isnan(r.seed) else '?'}  {metric}{extra}{err}")
+    counts = frame.status.value_counts().to_dict() if len(frame) else {}
+    lines.append("trials: " + (", ".join(f"{v} {k}" for k, v in counts.items()) or "none yet"))
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""Ray Tune trainables for the search and eval phases, and a layer-grouped ASHA scheduler.
+
+Each trainable is a plain function: it reads its config, restores from ``tune.get_checkpoint()`` when
+present (continuing from the epoch after the checkpoint), runs the ``nas`` loop and calls
+``tune.report(metrics, checkpoint=...)`` every epoch. Tune's TensorBoard logger writes every reported
+number (losses, accuracies, lr, alpha entropy) into the trial folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+
+from nas.complexity import complexity
+from nas.config import EvalConfig, SearchConfig
+from nas.data import load_dataset
+from nas.errors import DivergenceError
+from nas.io import load_checkpoint
+from nas.train import run_eval, run_search
+
+STATE_FILE = "state.pt"
+
+
+def _device() -> str:
+    """CUDA only when this trial was given a GPU share (0-GPU trials must not grab a GPU)."""
+    try:
+        gpus = tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
+    except Exception:  # noqa: BLE001 - outside Tune
+        gpus = 0
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def _set_threads() -> None:
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def _restore() -> dict[str, Any] | None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / STATE_FILE)
+
+
+def _reporter(every: int, total_epochs: int, fixed: dict[str, Any]):
+    """on_epoch hook: report metrics every epoch, with a checkpoint every ``every`` epochs and at the end."""
+
+    def on_epoch(metrics: dict[str, Any], make_checkpoint) -> None:
+        metrics = {**metrics, **fixed, "diverged": False, "node_id": _node_id()}
+        if metrics["epoch"] % every and metrics["epoch"] != total_epochs:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(make_checkpoint(), Path(folder) / STATE_FILE)
+            if "genotype" in metrics:
+                (Path(folder) / "genotype.json").write_text(json.dumps(metrics["genotype"]))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    return on_epoch
+
+
+def _report_divergence(exc: DivergenceError, state: dict[str, Any] | None, fixed: dict[str, Any]) -> None:
+    """A diverged trial ends (no retry would help) with the error in its last result, for ``status``."""
+    epoch = state["epoch"] if state else 0
+    tune.report({**fixed, "epoch": epoch, "diverged": True, "error": f"DivergenceError: {exc}"})
+
+
+def search_trainable(config: dict[str, Any]) -> None:
+    """One DARTS search. config: op_set (id), F, seed, op_sets (id -> mapping), base (SearchConfig fields)."""
+    _set_threads()
+    op_set = dict(config["op_sets"][config["op_set"]])
+    if config.get("F") is not None:
+        op_set["bottleneck_ratio"] = float(config["F"])
+    cfg = SearchConfig(**{**config["base"], "op_set": op_set, "seed": int(config["seed"])})
+    resolved = cfg.resolved_op_set()
+    fixed = {"stage": "search", "op_set": resolved.id, "seed": cfg.seed,
+             "F": resolved.options.bottleneck_ratio if resolved.uses_bottleneck_ratio else None}
+    state = _restore()
+    try:
+        run_search(cfg, device=_device(), resume=state,
+                   on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed))
+    except DivergenceError as exc:
+        _report_divergence(exc, state, fixed)
+
+
+def eval_trial_config(config: dict[str, Any]) -> tuple[EvalConfig, dict[str, Any]]:
+    """The EvalConfig of an eval trial and its fixed report fields (genotype id, op set id, F, params, GMAC)."""
+    from sweeps.spec import DATASET_SHAPES, genotype_for_trial, op_set_id_for
+
+    entry = config["genotypes"][config["genotype"]]
+    genotype = genotype_for_trial(entry["genotype"], config.get("F"))
+    cfg = EvalConfig(**{**config["base"], "genotype": genotype.to_dict(), "layers": int(config["layers"]),
+                        "seed": int(config["seed"])})
+    in_ch, size, classes = DATASET_SHAPES[cfg.dataset]
+    cost = complexity(genotype, cfg.layers, cfg.channels, classes, in_ch, size)
+    fixed = {"stage": "eval", "genotype_id": genotype.id, "op_set": entry.get("op_set") or op_set_id_for(genotype),
+             "F": genotype.options.bottleneck_ratio, "layers": cfg.layers, "seed": cfg.seed,
+             "params_m": cost.params_m, "gmac": cost.gmac, "source_trial": entry.get("source_trial")}
+    return cfg, fixed
+
+
+def eval_trainable(config: dict[str, Any]) -> None:
+    """One evaluation training. config: genotype (id), layers, seed, F, genotypes (id -> entry), base."""
+    _set_threads()
+    cfg, fixed = eval_trial_config(config)
+    state = _restore()
+    try:
+        run_eval(cfg, data=load_dataset(cfg.dataset, cfg.data_dir), device=_device(), resume=state,
+                 on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed))
+    except DivergenceError as exc:
+        _report_divergence(exc, state, fixed)
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short, readable trial folder names: stage, what varies, and the trial id."""
+    c = trial.config
+    if "op_set" in c:
+        f = f"_F{c['F']:g}" if c.get("F") is not None else ""
+        return f"search_{c['op_set']}{f}_s{c['seed']}_{trial.trial_id}"
+    f = f"_F{float(c['F']):.3g}" if c.get("F") is not None else ""
+    return f"eval_{c['genotype']}_L{c['layers']}{f}_s{c['seed']}_{trial.trial_id}"
+
+
+class GroupedASHA(FIFOScheduler):
+    """ASHA run separately per layer count: a trial is only ever compared with trials of the same depth.
+
+    Shallow and deep networks learn at different speeds, so a shared ASHA rung would stop deep networks
+    early for being slow starters; one bracket per ``layers`` value keeps each comparison fair.
+    """
+
+    def __init__(self, group_key: str = "layers", **asha_kwargs: Any) -> None:
+        super().__init__()
+        self._group_key = group_key
+        self._asha_kwargs = asha_kwargs
+        self._groups: dict[Any, AsyncHyperBandScheduler] = {}
+
+    def _group(self, trial: Any) -> AsyncHyperBandScheduler:
+        key = trial.config.get(self._group_key)
+        if key not in self._groups:
+            self._groups[key] = AsyncHyperBandScheduler(**self._asha_kwargs)
+        return self._groups[key]
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._group(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if result.get("diverged"):
+            return TrialScheduler.STOP
+        return self._group(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._group(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._group(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "GroupedASHA: " + ", ".join(f"layers={k}" for k in sorted(self._groups, key=str))
