@@ -87,6 +87,12 @@ def trial_table(spec: SweepSpec, searched: dict[str, Any] | None = None) -> list
         known.update(searched or {})
         in_ch, size, classes = DATASET_SHAPES[spec.dataset]
         channels = stage.base.get("channels", 36)
+        if stage.search_alg.type != "grid":  # sampled: list the space, not a grid
+            for gid in known:
+                rows.append({"stage": "eval", "genotype": gid, "layers": stage.axes["layers"], "F": stage.axes["F"],
+                             "seed": stage.axes["seeds"], "epochs": stage.base.get("epochs", 600),
+                             "samples": f"{stage.search_alg.num_samples} ({stage.search_alg.type})"})
+            return rows
         for t in eval_trials(stage, known):
             g = genotype_for_trial(known[t["genotype"]]["genotype"], t["F"])
             cost = complexity(g, t["layers"], channels, classes, in_ch, size)
@@ -284,6 +290,7 @@ def resume_sweep(path: str | Path, address: str | None = None, verbose: int = 1)
 
 def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: int) -> Path:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: see README
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     storage = str(sweep.path.parent)
     _ray_init(address)
     state = sweep.read_state().get("stages", {})

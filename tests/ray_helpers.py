@@ -1,0 +1,22 @@
+"""Shared pieces of the real-Ray tests."""
+
+import copy
+import json
+from pathlib import Path
+
+TINY_EVAL = {"channels": 4, "batch_size": 64, "lr": 0.05, "max_steps_per_epoch": 3}
+TINY_SEARCH = {"channels": 4, "layers": 3, "nodes": 2, "batch_size": 32, "order": 1, "max_steps_per_epoch": 3}
+
+
+def sweep_file(tmp_path: Path, name: str, search: dict | None = None, evaluation: dict | None = None,
+               max_failures: int = 1) -> dict:
+    raw = {"name": name, "dataset": "digits", "failure": {"max_failures": max_failures}}
+    if search is not None:
+        raw["search"] = {**TINY_SEARCH, "resources": {"cpu": 1}, **search}
+    if evaluation is not None:
+        raw["eval"] = {**TINY_EVAL, "resources": {"cpu": 1}, **evaluation}
+    return copy.deepcopy(raw)
+
+
+def epochs_of(trial_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]

@@ -1,0 +1,101 @@
+"""A real local Ray (2 CPUs): the two-stage pipeline end to end, retries, divergence."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ray = pytest.importorskip("ray")
+from ray import tune  # noqa: E402
+
+from analysis.frames import load_frames  # noqa: E402
+from sweeps.driver import _param_space, resume_sweep, run_sweep  # noqa: E402
+from sweeps.spec import parse_sweep  # noqa: E402
+from sweeps.status import sweep_status  # noqa: E402
+from tests.ray_helpers import epochs_of, sweep_file  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_two_stage_sweep_end_to_end(tmp_path):
+    raw = sweep_file(tmp_path, "e2e", search={"op_sets": ["pibconv"], "F": [2.0, 3.0], "epochs": 2},
+                     evaluation={"genotypes": ["searched", "DARTS_V2"], "layers": [1, 2], "epochs": 2})
+    path = run_sweep(parse_sweep(raw), storage=str(tmp_path), verbose=0)
+    assert json.loads((path / "state.json").read_text())["stages"] == {"search": "done", "eval": "done"}
+    index = json.loads((path / "genotypes" / "index.json").read_text())
+    assert 1 <= len(index) <= 2 and all((path / "genotypes" / f"{g}.json").is_file() for g in index)
+    trials, history = load_frames(path)
+    assert (trials.status == "finished").all()
+    assert sorted(trials[trials.stage == "search"].F) == [2.0, 3.0]
+    evals = trials[trials.stage == "eval"]
+    assert len(evals) == 2 * (len(index) + 1)
+    assert set(evals.genotype_id) == set(index) | {"DARTS_V2"}
+    assert (evals.params_m > 0).all() and (evals.gmac > 0).all() and (evals.epochs_done == 2).all()
+    assert {"train_loss", "test_acc", "epoch"} <= set(history.columns)
+    # TensorBoard scalars land in every trial folder
+    assert all(list(Path(d).glob("events.out.tfevents.*")) for d in trials.trial_dir)
+    status = sweep_status(path)
+    lines = status.splitlines()
+    assert sum(" finished " in ln for ln in lines[1:-1]) == len(trials) and "search done, eval done" in lines[0]
+    assert lines[-1] == f"trials: {len(trials)} finished"
+    # a resume of a finished sweep trains nothing and changes no result
+    before = {d: (Path(d) / "result.json").read_bytes() for d in trials.trial_dir}
+    resume_sweep(path, verbose=0)
+    assert before == {d: (Path(d) / "result.json").read_bytes() for d in trials.trial_dir}
+
+
+def flaky_eval_trainable(config):
+    """The real eval trainable, made to crash once right after reporting epoch 2."""
+    import sweeps.trainables as T
+
+    marker = Path(config["marker"])
+    real = T.tune.report
+
+    def report(metrics, checkpoint=None):
+        real(metrics, checkpoint=checkpoint)
+        if metrics.get("epoch") == 2 and not marker.exists():
+            marker.write_text("crashed")
+            raise RuntimeError("injected failure after epoch 2")
+
+    T.tune.report = report
+    try:
+        T.eval_trainable(config)
+    finally:
+        T.tune.report = real
+
+
+def test_trial_that_raises_is_retried_from_its_checkpoint(tmp_path):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    spec = parse_sweep(sweep_file(tmp_path, "retry", evaluation={"genotypes": ["DARTS_V2"], "layers": [1],
+                                                                 "epochs": 4}))
+    space = _param_space(spec.eval, {"DARTS_V2": {"genotype": spec.eval.axes["genotypes"]["DARTS_V2"]}})
+    space["marker"] = str(tmp_path / "crashed")
+    tuner = tune.Tuner(tune.with_resources(flaky_eval_trainable, {"cpu": 1}), param_space=space,
+                       run_config=tune.RunConfig(name="retry", storage_path=str(tmp_path), verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=2)))
+    result = tuner.fit()[0]
+    assert (tmp_path / "crashed").exists() and result.error is None
+    assert epochs_of(Path(result.path)) == [1, 2, 3, 4]  # continued at 3, not restarted at 1
+
+
+def test_diverging_trial_stops_with_clear_error_and_others_finish(tmp_path):
+    # the search trial diverges (absurd learning rate); the eval stage still trains the named genotype
+    raw = sweep_file(tmp_path, "nan", search={"op_sets": ["darts"], "epochs": 3, "lr": 1.0e30, "grad_clip": 1.0e30},
+                     evaluation={"genotypes": ["searched", "DARTS_V2"], "layers": [1], "epochs": 2}, max_failures=3)
+    path = run_sweep(parse_sweep(raw), storage=str(tmp_path), verbose=0)
+    trials, _ = load_frames(path)
+    search = trials[trials.stage == "search"].iloc[0]
+    assert search.status == "diverged" and "DivergenceError: loss became" in search.error
+    assert epochs_of(Path(search.trial_dir)) == [0]  # reported once, never retried
+    evals = trials[trials.stage == "eval"]
+    assert list(evals.genotype_id) == ["DARTS_V2"] and list(evals.status) == ["finished"]
+    status = sweep_status(path)
+    assert "diverged" in status and "loss became" in status
