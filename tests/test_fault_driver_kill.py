@@ -1,0 +1,74 @@
+"""The driver SIGKILLed mid-sweep; `dartsweep sweep resume DIR` finishes it; finished trials stay untouched."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.ray_helpers import epochs_of, sweep_file
+
+pytestmark = pytest.mark.slow
+EPOCHS = 6
+
+
+def cli(*args):
+    return [sys.executable, "-m", "nas.cli", *args]
+
+
+def trial_dirs(stage_dir: Path) -> list[Path]:
+    return sorted(p for p in stage_dir.glob("eval_*") if (p / "result.json").exists())
+
+
+def test_driver_sigkill_then_resume(tmp_path):
+    raw = sweep_file(tmp_path, "killed", evaluation={"genotypes": ["DARTS_V2"], "layers": [1, 2], "seeds": [0, 1],
+                                                     "epochs": EPOCHS, "max_steps_per_epoch": 6})
+    file = tmp_path / "killed.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "run.log", "w")
+    driver = subprocess.Popen(cli("sweep", "run", str(file), "--storage", str(tmp_path), "--verbose", "0"),
+                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    stage = tmp_path / "killed" / "eval"
+    finished: dict[Path, bytes] = {}
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and driver.poll() is None:
+            done = [d for d in trial_dirs(stage) if epochs_of(d)[-1:] == [EPOCHS]]
+            running = [d for d in trial_dirs(stage) if d not in done]
+            if done and running:
+                time.sleep(2.5)  # past one experiment-state save (TUNE_GLOBAL_CHECKPOINT_S=2)
+                finished = {d: (d / "result.json").read_bytes() for d in trial_dirs(stage)
+                            if epochs_of(d)[-1:] == [EPOCHS]}
+                os.kill(driver.pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        driver.wait(30)
+        assert driver.returncode == -signal.SIGKILL, (tmp_path / "run.log").read_text()[-3000:]
+        assert finished
+        state = json.loads((tmp_path / "killed" / "state.json").read_text())
+        assert state["stages"].get("eval") != "done"
+
+        resume = subprocess.run(cli("sweep", "resume", str(tmp_path / "killed"), "--verbose", "0"),
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert resume.returncode == 0, resume.stderr[-3000:]
+        dirs = trial_dirs(stage)
+        assert len(dirs) == 4
+        for d in dirs:
+            epochs = epochs_of(d)
+            assert sorted(set(epochs)) == list(range(1, EPOCHS + 1)), (d.name, epochs)
+        for d, content in finished.items():
+            assert (d / "result.json").read_bytes() == content  # finished trials untouched
+        status = subprocess.run(cli("sweep", "status", str(tmp_path / "killed")), capture_output=True, text=True)
+        assert status.returncode == 0 and status.stdout.strip().splitlines()[-1] == "trials: 4 finished"
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # Ray processes the killed driver left behind
+        except ProcessLookupError:
+            pass
+        log.close()
