@@ -1,0 +1,37 @@
+"""``dartsweep analyze`` and ``dartsweep gradcam``: thin CLI over the analysis library."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from analysis.report import analyze
+
+    out, summary = analyze(args.dir, args.out, edge=args.edge)
+    print(summary)
+    print(f"plots, tables and index.md in {out}")
+    return 0
+
+
+def cmd_gradcam(args: argparse.Namespace) -> int:
+    from analysis.gradcam import gradcam_grid
+
+    indices = [int(i) for i in args.images.split(",") if i.strip()]
+    labels = args.labels.split(",") if args.labels else None
+    print(gradcam_grid(args.checkpoints, indices, args.out, labels))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="plots, tables and a Pareto summary from a sweep folder (offline)")
+    p.add_argument("dir", help="a sweep folder (or a copy of one)")
+    p.add_argument("--out", help="where to write (default DIR/analysis)")
+    p.add_argument("--edge", type=int, default=0, help="edge index for the alpha evolution plot (default 0)")
+    p.set_defaults(func=cmd_analyze)
+    p = sub.add_parser("gradcam", help="GradCAM grid (paper Fig. 5) for eval checkpoints")
+    p.add_argument("checkpoints", nargs="+", help="eval trial folders, checkpoint folders or state.pt files")
+    p.add_argument("--images", default="0,1,2,3", help="comma-separated test image indices")
+    p.add_argument("--labels", help="comma-separated row labels (default: genotype and layers)")
+    p.add_argument("--out", default="gradcam.png")
+    p.set_defaults(func=cmd_gradcam)

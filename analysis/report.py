@@ -1,0 +1,123 @@
+"""``dartsweep analyze``: from a sweep folder to plots, tables and an index page (nothing in it changes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import plots
+from analysis.frames import load_frames
+from analysis.pareto import default_reference, hypervolume, pareto_set
+from nas.genotypes import Genotype
+from nas.io import write_text_atomic
+
+TABLE1_COLUMNS = {"genotype_id": "Genotype", "layers": "Eval. Layers", "final_acc": "Test Acc. (%)",
+                  "params_m": "Params (M)", "gmac": "GMAC"}
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "_(no rows)_\n"
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.4g}"
+    return str(value)
+
+
+def table1(trials: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 1 layout over finished eval trials (mean over seeds)."""
+    done = trials[(trials.stage == "eval") & (trials.status == "finished")]
+    if done.empty:
+        return pd.DataFrame(columns=list(TABLE1_COLUMNS.values()))
+    grouped = done.groupby(["genotype_id", "layers"], as_index=False).agg(
+        final_acc=("final_acc", "mean"), params_m=("params_m", "mean"), gmac=("gmac", "mean"))
+    grouped = grouped.sort_values(["genotype_id", "layers"], ascending=[True, False])
+    grouped["layers"] = grouped.layers.astype(int)
+    return grouped[list(TABLE1_COLUMNS)].rename(columns=TABLE1_COLUMNS).reset_index(drop=True)
+
+
+def analyze(sweep_dir: str | Path, out: str | Path | None = None, edge: int = 0) -> tuple[Path, str]:
+    """Write plots (PNG+SVG), tables (CSV+Markdown) and index.md for a sweep; return (out dir, summary)."""
+    sweep_dir = Path(sweep_dir)
+    trials, history = load_frames(sweep_dir)
+    out = Path(out) if out else sweep_dir / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    trials.to_csv(out / "trials.csv", index=False)
+    history.to_csv(out / "history.csv", index=False)
+    t1 = table1(trials)
+    t1.to_csv(out / "table1.csv", index=False)
+    write_text_atomic(out / "table1.md", markdown_table(t1))
+    fronts, figures = {}, []
+    for cost in ("gmac", "params_m"):
+        front = pareto_set(trials, cost)
+        cols = ["genotype_id", "layers", "seed", "final_acc", "params_m", "gmac", "trial_id"]
+        front[cols].to_csv(out / f"pareto_{cost}.csv", index=False)
+        write_text_atomic(out / f"pareto_{cost}.md", markdown_table(front[cols]))
+        done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=[cost])
+        ref = default_reference(done[cost]) if len(done) else (0.0, 0.0)
+        hv = hypervolume(done.final_acc.to_numpy(), done[cost].to_numpy(), ref) if len(done) else 0.0
+        fronts[cost] = (front, ref, hv)
+        figures += plots.accuracy_vs_cost(trials, out, cost)
+    figures += plots.accuracy_vs_layers(trials, out)
+    search = trials[trials.stage == "search"]
+    if len(search):
+        figures += plots.search_accuracy(history, trials, out)
+        best = search.sort_values("best_acc", ascending=False).iloc[0]
+        figures += plots.alpha_evolution(best.trial_dir, out, edge=edge)
+    for gid in sorted(set(trials[trials.stage == "eval"].genotype_id.dropna())):
+        geno = _genotype(sweep_dir, gid, trials)
+        if geno is not None:
+            for cell in ("normal", "reduce"):
+                figures += plots.draw_cell(geno, cell, out / "cells" / gid)
+    summary = _summary(trials, fronts)
+    index = ["# Sweep analysis: " + sweep_dir.name, "", "```", summary, "```", "",
+             "## Table 1", "", markdown_table(t1), "## Pareto set (accuracy vs GMAC)", "",
+             markdown_table(fronts["gmac"][0][["genotype_id", "layers", "final_acc", "params_m", "gmac"]]),
+             "## Figures", ""]
+    index += [f"- [{p.relative_to(out)}]({p.relative_to(out)})" for p in figures if p.suffix == ".png"]
+    index += ["", "Data: [trials.csv](trials.csv), [history.csv](history.csv), [table1.csv](table1.csv)"]
+    write_text_atomic(out / "index.md", "\n".join(index) + "\n")
+    return out, summary
+
+
+def _genotype(sweep_dir: Path, gid: str, trials: pd.DataFrame) -> Genotype | None:
+    from nas.genotypes import GENOTYPES
+
+    if gid in GENOTYPES:
+        return GENOTYPES[gid]
+    path = sweep_dir / "genotypes" / f"{gid}.json"
+    if path.is_file():
+        return Genotype.from_dict(json.loads(path.read_text())["genotype"])
+    rows = trials[(trials.genotype_id == gid) & (trials.stage == "eval")]
+    for trial_dir in rows.trial_dir:
+        params = json.loads(Path(trial_dir, "params.json").read_text())
+        entry = params.get("genotypes", {}).get(params.get("genotype"), {})
+        if "genotype" in entry:
+            return Genotype.from_dict(entry["genotype"])
+    return None
+
+
+def _summary(trials: pd.DataFrame, fronts: dict) -> str:
+    lines = []
+    for stage in ("search", "eval"):
+        sub = trials[trials.stage == stage]
+        if len(sub):
+            counts = ", ".join(f"{v} {k}" for k, v in sub.status.value_counts().items())
+            lines.append(f"{stage}: {len(sub)} trials ({counts})")
+    front, ref, hv = fronts["gmac"]
+    lines.append(f"Pareto set (test acc up, GMAC down), hypervolume {hv:.4g} vs reference "
+                 f"(acc {ref[0]:g} %, {ref[1]:.4g} GMAC):")
+    for _, r in front.iterrows():
+        lines.append(f"  {r.genotype_id} L={int(r.layers)}: {r.final_acc:.2f} %  {r.gmac:.4g} GMAC  {r.params_m:.3g} M")
+    if front.empty:
+        lines.append("  (no finished eval trials yet)")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from analysis.frames import TRIAL_COLUMNS, load_frames
+from analysis.pareto import hypervolume, pareto_mask
+from analysis.report import analyze, table1
+from nas.errors import ConfigError
+from tests.ray_helpers import epochs_of, sweep_file
+
+
+def test_pareto_mask_known_answer():
+    acc = np.array([90, 80, 95, 85, 95, 70])
+    cost = np.array([1.0, 0.5, 2.0, 1.5, 2.0, 0.5])
+    # (85,1.5) is dominated by (90,1.0); (70,0.5) by (80,0.5); the tied (95,2.0) pair both stay
+    assert pareto_mask(acc, cost).tolist() == [True, True, True, False, True, False]
+
+
+def test_hypervolume_known_answer():
+    acc, cost = np.array([90.0, 80.0, 95.0]), np.array([1.0, 0.5, 2.0])
+    # staircase vs reference (0 %, 3.0): [0.5,1)x80 + [1,2)x90 + [2,3)x95
+    assert hypervolume(acc, cost, (0.0, 3.0)) == pytest.approx(0.5 * 80 + 1 * 90 + 1 * 95)
+    # dominated points and points beyond the reference add nothing
+    assert hypervolume(np.append(acc, [85.0, 99.0]), np.append(cost, [1.5, 5.0]), (0.0, 3.0)) == \
+        pytest.approx(225.0)
+    assert hypervolume(acc, cost, (96.0, 3.0)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def mixed_sweep(tmp_path_factory):
+    """A real sweep ending with finished, errored (F=1e12 cannot be allocated) and unfinished
+    (driver SIGKILLed) trials."""
+    tmp = tmp_path_factory.mktemp("analysis")
+    raw = sweep_file(tmp, "mixed", evaluation={"genotypes": ["PIBCONV"], "F": [2.0, 1.0e12], "layers": [1, 2],
+                                               "seeds": [0, 1], "epochs": 4, "max_steps_per_epoch": 6},
+                     max_failures=0)
+    file = tmp / "mixed.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    driver = subprocess.Popen([sys.executable, "-m", "nas.cli", "sweep", "run", str(file), "--storage", str(tmp),
+                               "--verbose", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    stage = tmp / "mixed" / "eval"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            dirs = [d for d in stage.glob("eval_*F2_*") if (d / "result.json").exists()]
+            if any(epochs_of(d)[-1:] == [4] for d in dirs) and len(dirs) >= 2 and \
+                    len(list(stage.glob("eval_*/error.txt"))) >= 1:
+                time.sleep(2.5)
+                break
+            time.sleep(0.2)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tmp / "mixed"
+
+
+@pytest.mark.slow
+def test_frames_flag_errored_and_unfinished(mixed_sweep):
+    trials, history = load_frames(mixed_sweep)
+    assert list(trials.columns) == TRIAL_COLUMNS
+    statuses = set(trials.status)
+    assert {"finished", "errored", "unfinished"} <= statuses, trials[["trial_id", "status", "epochs_done"]]
+    errored = trials[trials.status == "errored"]
+    assert (errored.F == 1.0e12).all() and errored.error.str.len().gt(0).all()
+    finished = trials[trials.status == "finished"]
+    assert (finished.epochs_done == 4).all() and finished.final_acc.between(0, 100).all()
+    assert (finished.params_m > 0).all() and (finished.gmac > 0).all()
+    assert (trials[trials.status == "unfinished"].epochs_done < 4).all()
+    assert {"trial_id", "epoch", "test_acc"} <= set(history.columns)
+
+
+@pytest.mark.slow
+def test_analyze_writes_plots_tables_and_skips_corrupt_files(mixed_sweep, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(mixed_sweep, copy)
+    trials, _ = load_frames(copy)
+    victim = Path(trials[trials.status == "finished"].trial_dir.iloc[0])
+    (victim / "result.json").write_text('{"epoch": 1, "test_acc": 5\n{broken')
+    with pytest.warns(UserWarning, match="skipped 1 trial"):
+        trials2, _ = load_frames(copy)
+    assert len(trials2) == len(trials) - 1
+    with pytest.warns(UserWarning):
+        out, summary = analyze(copy, tmp_path / "out")
+    # only finished trials enter fronts and tables
+    t1 = pd.read_csv(out / "table1.csv")
+    finished = trials2[trials2.status == "finished"]
+    expected = table1(trials2)
+    assert len(t1) == len(expected) == finished.groupby(["genotype_id", "layers"]).ngroups
+    for (_, a), (_, b) in zip(t1.iterrows(), expected.iterrows()):
+        assert a["Test Acc. (%)"] == pytest.approx(b["Test Acc. (%)"]) and a["GMAC"] == pytest.approx(b["GMAC"])
+    front = pd.read_csv(out / "pareto_gmac.csv")
+    assert set(front.trial_id) <= set(finished.trial_id)
+    for stem in ("accuracy_vs_layers", "accuracy_vs_gmac", "accuracy_vs_params"):
+        for ext in ("png", "svg"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 0
+        pixels = np.asarray(Image.open(out / f"{stem}.png").convert("L"))
+        assert pixels.std() > 5 and (pixels < 128).mean() > 0.005  # not blank
+    assert (out / "cells").is_dir() and list((out / "cells").rglob("cell_normal.png"))
+    assert "Pareto set" in summary and (out / "index.md").read_text().count(".png") >= 4
+
+
+@pytest.mark.slow
+def test_gradcam_grid_from_trial_folder(mixed_sweep, tmp_path):
+    from analysis.gradcam import gradcam_grid
+
+    trials, _ = load_frames(mixed_sweep)
+    done = trials[trials.status == "finished"].trial_dir.tolist()[:2]
+    out = gradcam_grid(done, [0, 1, 2], tmp_path / "gc.png")
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert image.shape[0] > 200 and image.std() > 10
+
+
+def test_analyze_rejects_non_sweep(tmp_path):
+    with pytest.raises(ConfigError, match="not a sweep directory"):
+        load_frames(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "analyze", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not a sweep directory" in proc.stderr
