@@ -66,6 +66,7 @@ class SearchConfig:
     seed: int = 0
     amp: bool | None = None  # bf16 autocast; None = on for CUDA only
     channels_last: bool = True
+    checkpoint_cells: bool = False  # per-cell activation checkpointing: far less memory, ~30 % more compute
     max_steps_per_epoch: int | None = None  # cap for smoke runs
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nas.genotypes import Genotype
 from nas.ops import POOLING, build_op, cell_layout, cell_preprocessing, stem
@@ -27,29 +28,32 @@ class MixedOp(nn.Module):
             ops.append(op)
         self.ops = nn.ModuleList(ops)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = weights[self.index[0]] * self.ops[0](x)
-        for i, op in zip(self.index[1:], self.ops[1:]):
-            out = out + weights[i] * op(x)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out + sum_o w_o * o(x)`` (``out`` lets a node accumulate all its edges in one tensor)."""
+        for i, op in zip(self.index, self.ops):
+            y = op(x)
+            out = weights[i] * y if out is None else torch.addcmul(out, weights[i], y)
         return out
 
 
 class SearchCell(nn.Module):
     def __init__(self, op_set: OpSet, nodes: int, c_prev_prev: int, c_prev: int, c: int, reduction: bool,
-                 reduction_prev: bool) -> None:
+                 reduction_prev: bool, mixed_op: type[nn.Module] = MixedOp) -> None:
         super().__init__()
         self.reduction = reduction
         self.nodes = nodes
         self.pre0, self.pre1 = cell_preprocessing(c_prev_prev, c_prev, c, reduction_prev, False,
                                                    op_set.options.activation)
         self.edges = nn.ModuleList(
-            MixedOp(op_set, c, 2 if reduction and j < 2 else 1) for i in range(nodes) for j in range(i + 2))
+            mixed_op(op_set, c, 2 if reduction and j < 2 else 1) for i in range(nodes) for j in range(i + 2))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         states = [self.pre0(s0), self.pre1(s1)]
         offset = 0
         for _ in range(self.nodes):
-            node = sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            node = None
+            for j, h in enumerate(states):
+                node = self.edges[offset + j](h, weights[offset + j], node)
             offset += len(states)
             states.append(node)
         return torch.cat(states[2:], dim=1)
@@ -64,10 +68,12 @@ class SearchNetwork(nn.Module):
     reduction cells, BN without affine parameters inside the mixed ops."""
 
     def __init__(self, op_set: OpSet, channels: int = 16, layers: int = 8, nodes: int = 4, num_classes: int = 10,
-                 in_channels: int = 3, stem_multiplier: int = 3) -> None:
+                 in_channels: int = 3, stem_multiplier: int = 3, checkpoint_cells: bool = False,
+                 mixed_op: type[nn.Module] = MixedOp) -> None:
         super().__init__()
         self.op_set = op_set
         self.nodes = nodes
+        self.checkpoint_cells = checkpoint_cells  # recompute cell activations in backward: less memory
         c_curr = stem_multiplier * channels
         self.stem = stem(in_channels, c_curr)
         c_pp, c_p, c_curr = c_curr, c_curr, channels
@@ -76,7 +82,7 @@ class SearchNetwork(nn.Module):
         for reduction in cell_layout(layers):
             if reduction:
                 c_curr *= 2
-            self.cells.append(SearchCell(op_set, nodes, c_pp, c_p, c_curr, reduction, reduction_prev))
+            self.cells.append(SearchCell(op_set, nodes, c_pp, c_p, c_curr, reduction, reduction_prev, mixed_op))
             reduction_prev = reduction
             c_pp, c_p = c_p, nodes * c_curr
         self.classifier = nn.Linear(c_p, num_classes)
@@ -99,7 +105,11 @@ class SearchNetwork(nn.Module):
         w_reduce = F.softmax(self.alpha_reduce, dim=-1)
         s0 = s1 = self.stem(x)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+            weights = w_reduce if cell.reduction else w_normal
+            if self.checkpoint_cells and torch.is_grad_enabled():
+                s0, s1 = s1, checkpoint(cell, s0, s1, weights, use_reentrant=False)
+            else:
+                s0, s1 = s1, cell(s0, s1, weights)
         return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
 
     def genotype(self) -> Genotype:

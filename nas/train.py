@@ -117,7 +117,7 @@ def build_search(config: SearchConfig, data: ImageData, device: torch.device):
     """(model, weight optimiser, scheduler, alpha optimiser) for ``config``; seeds the global RNG."""
     torch.manual_seed(config.seed)
     model = SearchNetwork(config.resolved_op_set(), config.channels, config.layers, config.nodes,
-                          data.num_classes, data.in_channels).to(device)
+                          data.num_classes, data.in_channels, checkpoint_cells=config.checkpoint_cells).to(device)
     model = model.to(memory_format=_memory_format(config.channels_last))
     optimizer = torch.optim.SGD(model.weights(), config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)

@@ -1,0 +1,393 @@
+"""``dartsweep bench``: the fast search/eval step against a plain, research-code-style version.
+
+The plain version is written here on purpose, the way the original DARTS code does a step: a Python sum
+over every candidate op of each edge (``none`` included), a fresh model built and loaded for the unrolled
+step, finite-difference Hessian-vector products, contiguous NCHW float32, and a per-image PIL/torchvision
+DataLoader. Both run in this process's children (one each, so peak RSS is each one's own) on the same
+network, batch and input; the figures printed are images/s, peak memory and their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nas import architect
+from nas.data import ImageData, make_batch
+from nas.eval_network import EvalNetwork
+from nas.genotypes import PIBCONV
+from nas.ops import POOLING, build_op
+from nas.opsets import OP_SETS, OpSet
+from nas.search_network import SearchNetwork
+from nas.train import eval_loss
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+# ------------------------------------------------------------------------------------- the plain version
+
+class PlainMixedOp(nn.Module):
+    """DARTS' MixedOp: ``sum(w * op(x) for w, op in zip(weights, ops))`` over every op, ``none`` included."""
+
+    def __init__(self, op_set: OpSet, channels: int, stride: int) -> None:
+        super().__init__()
+        ops = []
+        for name in op_set.primitives:
+            op = build_op(name, channels, stride, False, op_set.options)
+            if name in POOLING:
+                op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
+            ops.append(op)
+        self.ops = nn.ModuleList(ops)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        mixed = sum(w * op(x) for w, op in zip(weights, self.ops))
+        return mixed if out is None else out + mixed  # the cell's sum over edges, as DARTS writes it
+
+
+def plain_network(op_set: OpSet, channels: int, layers: int, num_classes: int = 10, in_channels: int = 3,
+                  nodes: int = 4) -> SearchNetwork:
+    return SearchNetwork(op_set, channels, layers, nodes, num_classes, in_channels, mixed_op=PlainMixedOp)
+
+
+class PlainArchitect:
+    """DARTS' Architect (quark0/darts ``architect.py``), transcribed: flat parameter vectors, a new model
+    constructed and loaded for every unrolled step, in-place +-R perturbations for the HVP."""
+
+    def __init__(self, model: SearchNetwork, make_model, momentum: float, weight_decay: float) -> None:
+        self.model, self.make_model = model, make_model
+        self.momentum, self.weight_decay = momentum, weight_decay
+
+    def _loss(self, model: SearchNetwork, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    def alpha_grads(self, train, valid, eta: float, optimizer: torch.optim.Optimizer, unrolled: bool):
+        if not unrolled:
+            return list(torch.autograd.grad(self._loss(self.model, *valid), self.model.arch_parameters(),
+                                            allow_unused=True, materialize_grads=True))
+        unrolled_model = self._unrolled_model(train, eta, optimizer)
+        loss = self._loss(unrolled_model, *valid)
+        loss.backward()
+        dalpha = [a.grad if a.grad is not None else torch.zeros_like(a) for a in unrolled_model.arch_parameters()]
+        vector = [w.grad if w.grad is not None else torch.zeros_like(w) for w in unrolled_model.weights()]
+        implicit = self._hessian_vector_product(vector, train)
+        return [g - eta * ig for g, ig in zip(dalpha, implicit)]
+
+    def _unrolled_model(self, train, eta: float, optimizer: torch.optim.Optimizer) -> SearchNetwork:
+        weights = self.model.weights()
+        loss = self._loss(self.model, *train)
+        theta = torch.cat([w.reshape(-1) for w in weights]).detach()
+        try:
+            moment = torch.cat([optimizer.state[w]["momentum_buffer"].reshape(-1) for w in weights]) * self.momentum
+        except KeyError:
+            moment = torch.zeros_like(theta)
+        grads = torch.autograd.grad(loss, weights, allow_unused=True, materialize_grads=True)
+        dtheta = torch.cat([g.reshape(-1) for g in grads]) + self.weight_decay * theta
+        new_theta = theta - eta * (moment + dtheta)
+        model = self.make_model()
+        state, offset = self.model.state_dict(), 0
+        for name, w in self.model.named_weights().items():
+            state[name] = new_theta[offset:offset + w.numel()].view_as(w)
+            offset += w.numel()
+        model.load_state_dict(state)
+        return model
+
+    def _hessian_vector_product(self, vector, train, r: float = 1e-2):
+        weights = self.model.weights()
+        R = r / torch.cat([v.reshape(-1) for v in vector]).norm()
+        with torch.no_grad():
+            for w, v in zip(weights, vector):
+                w.add_(v, alpha=R)
+        grads_p = torch.autograd.grad(self._loss(self.model, *train), self.model.arch_parameters(),
+                                      allow_unused=True, materialize_grads=True)
+        with torch.no_grad():
+            for w, v in zip(weights, vector):
+                w.sub_(v, alpha=2 * R)
+        grads_n = torch.autograd.grad(self._loss(self.model, *train), self.model.arch_parameters(),
+                                      allow_unused=True, materialize_grads=True)
+        with torch.no_grad():
+            for w, v in zip(weights, vector):
+                w.add_(v, alpha=R)
+        return [(p - n) / (2 * R) for p, n in zip(grads_p, grads_n)]
+
+
+def plain_loader(images: np.ndarray, labels: np.ndarray, batch: int, cutout: int = 0):
+    """Per-image PIL transforms through a torch DataLoader (as the research scripts do)."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    class Cutout:
+        def __init__(self, length: int) -> None:
+            self.length = length
+
+        def __call__(self, img: torch.Tensor) -> torch.Tensor:
+            h, w = img.shape[1:]
+            y, x = np.random.randint(h), np.random.randint(w)
+            mask = torch.ones(h, w)
+            mask[max(0, y - self.length // 2):min(h, y + self.length // 2),
+                 max(0, x - self.length // 2):min(w, x + self.length // 2)] = 0
+            return img * mask
+
+    tf = [T.RandomCrop(images.shape[1], padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+          T.Normalize(CIFAR_MEAN, CIFAR_STD)] + ([Cutout(cutout)] if cutout else [])
+    transform = T.Compose(tf)
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(labels)
+
+        def __getitem__(self, i: int):
+            return transform(Image.fromarray(images[i])), int(labels[i])
+
+    return torch.utils.data.DataLoader(DS(), batch_size=batch, shuffle=True, num_workers=0, drop_last=True)
+
+
+# ----------------------------------------------------------------------------------------- measurements
+
+def _synthetic(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def _peak_memory(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else _rss_mb()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
+    torch.manual_seed(0)
+    device = torch.device(args["device"])
+    op_set = OP_SETS["pibconv"]
+    size, batch = args["size"], args["batch"]
+    images, labels = _synthetic(batch * (args["steps"] + 1) * 2, size)
+    fmt = torch.channels_last if fast and args["channels_last"] else torch.contiguous_format
+    base = _current_rss_mb()
+    if fast:
+        model = SearchNetwork(op_set, args["C"], args["layers"], checkpoint_cells=args["checkpoint_cells"])
+    else:
+        model = plain_network(op_set, args["C"], args["layers"])
+    model = model.to(device).to(memory_format=fmt)
+    opt = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
+    arch_opt = torch.optim.Adam(model.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast and args["amp"] else None
+    plain = None if fast else PlainArchitect(
+        model, lambda: plain_network(op_set, args["C"], args["layers"]).to(device), 0.9, 3e-4)
+    data = ImageData("bench", torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+                     torch.from_numpy(labels).to(device), torch.empty(0), torch.empty(0), CIFAR_MEAN, CIFAR_STD,
+                     10, 4, 16)
+    gen = torch.Generator(device=device).manual_seed(0)
+    loader = None if fast else iter(plain_loader(images, labels, batch))
+
+    def batch_pair(i: int):
+        if fast:
+            idx = torch.arange(2 * i * batch, 2 * (i + 1) * batch, device=device)
+            x = make_batch(data, data.train_x[idx], augment=True, generator=gen, memory_format=fmt)
+            y = data.train_y[idx]
+            return (x[:batch], y[:batch]), (x[batch:], y[batch:])
+        (xt, yt), (xv, yv) = next(loader), next(loader)
+        return (xt.to(device), yt.to(device)), (xv.to(device), yv.to(device))
+
+    def step(i: int) -> None:
+        train, valid = batch_pair(i)
+        arch_opt.zero_grad(set_to_none=True)
+        if fast:
+            grads = (architect.second_order_alpha_grads(model, train, valid, 0.025, 0.9, 3e-4,
+                                                        architect.momentum_buffers(opt, model), autocast)
+                     if args["order"] == 2 else architect.first_order_alpha_grads(model, valid, autocast))
+        else:
+            grads = plain.alpha_grads(train, valid, 0.025, opt, unrolled=args["order"] == 2)
+        for a, g in zip(model.arch_parameters(), grads):
+            a.grad = g
+        arch_opt.step()
+        opt.zero_grad(set_to_none=True)
+        if autocast:
+            with autocast():
+                logits = model(train[0])
+        else:
+            logits = model(train[0])
+        F.cross_entropy(logits.float(), train[1]).backward()
+        nn.utils.clip_grad_norm_(model.weights(), 5.0)
+        opt.step()
+
+    step(0)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(1, args["steps"] + 1):
+        step(i)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    peak = _peak_memory(device)
+    return {"images_per_s": args["steps"] * batch / elapsed, "step_s": elapsed / args["steps"],
+            "peak_memory_mb": peak, "step_memory_mb": peak - base if device.type == "cpu" else peak}
+
+
+def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
+    torch.manual_seed(0)
+    device = torch.device(args["device"])
+    size, batch = args["size"], args["batch"]
+    images, labels = _synthetic(batch * (args["steps"] + 1), size)
+    fmt = torch.channels_last if fast and args["channels_last"] else torch.contiguous_format
+    base = _current_rss_mb()
+    model = EvalNetwork(PIBCONV, args["C"], args["layers"], 10, 3, auxiliary=True).to(device).to(memory_format=fmt)
+    model.drop_path_prob = 0.2
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast and args["amp"] else \
+        __import__("contextlib").nullcontext
+    data = ImageData("bench", torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+                     torch.from_numpy(labels).to(device), torch.empty(0), torch.empty(0), CIFAR_MEAN, CIFAR_STD,
+                     10, 4, 16)
+    gen = torch.Generator(device=device).manual_seed(0)
+    loader = None if fast else iter(plain_loader(images, labels, batch, cutout=16))
+
+    def step(i: int) -> None:
+        if fast:
+            idx = torch.arange(i * batch, (i + 1) * batch, device=device)
+            x = make_batch(data, data.train_x[idx], augment=True, generator=gen, cutout_length=16,
+                           memory_format=fmt)
+            y = data.train_y[idx]
+        else:
+            x, y = next(loader)
+            x, y = x.to(device), y.to(device)
+        opt.zero_grad(set_to_none=True)
+        loss, _ = eval_loss(model, x, y, 0.4, autocast)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+
+    step(0)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(1, args["steps"] + 1):
+        step(i)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    peak = _peak_memory(device)
+    return {"images_per_s": args["steps"] * batch / elapsed, "step_s": elapsed / args["steps"],
+            "peak_memory_mb": peak, "step_memory_mb": peak - base if device.type == "cpu" else peak}
+
+
+def run_data_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
+    """Batches/s of the augmentation pipeline alone (crop, flip, cutout, normalise)."""
+    n = args["batch"] * 20
+    images, labels = _synthetic(n, args["size"])
+    device = torch.device(args["device"])
+    if fast:
+        data = ImageData("bench", torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+                         torch.from_numpy(labels).to(device), torch.empty(0), torch.empty(0), CIFAR_MEAN, CIFAR_STD,
+                         10, 4, 16)
+        gen = torch.Generator(device=device).manual_seed(0)
+        start = time.perf_counter()
+        for i in range(20):
+            idx = torch.arange(i * args["batch"], (i + 1) * args["batch"], device=device)
+            make_batch(data, data.train_x[idx], augment=True, generator=gen, cutout_length=16)
+        _sync(device)
+    else:
+        start = time.perf_counter()
+        for x, y in plain_loader(images, labels, args["batch"], cutout=16):
+            x.to(device)
+        _sync(device)
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": n / elapsed, "step_s": elapsed / 20, "peak_memory_mb": _peak_memory(device),
+            "step_memory_mb": 0.0}
+
+
+RUNNERS = {"search": run_search_bench, "eval": run_eval_bench, "data": run_data_bench}
+
+
+def _child(kind: str, fast: bool, args: dict[str, Any], queue: mp.Queue) -> None:
+    torch.set_num_threads(args["threads"])
+    try:
+        queue.put(("ok", RUNNERS[kind](fast, args)))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def measure(kind: str, fast: bool, args: dict[str, Any]) -> dict[str, float]:
+    """Run one side in a fresh process, so its peak RSS is its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(kind, fast, args, queue))
+    proc.start()
+    status, payload = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(payload)
+    return payload
+
+
+def bench(kind: str, **args: Any) -> dict[str, Any]:
+    """{'fast', 'plain', 'speedup', 'memory_ratio', 'config'} for ``kind`` in search | eval | data."""
+    fast = measure(kind, True, args)
+    plain = measure(kind, False, args)
+    return {"fast": fast, "plain": plain, "speedup": fast["images_per_s"] / plain["images_per_s"],
+            "memory_ratio": (fast["step_memory_mb"] / plain["step_memory_mb"]) if plain["step_memory_mb"] else None,
+            "config": {"kind": kind, **args}}
+
+
+DEFAULTS = {"search": {"C": 16, "layers": 5, "batch": 16}, "eval": {"C": 36, "layers": 10, "batch": 32},
+            "data": {"C": 0, "layers": 0, "batch": 96}}
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from nas.errors import ConfigError
+
+    if ns.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available here; use --device cpu")
+    d = DEFAULTS[ns.kind]
+    args = {"C": ns.C or d["C"], "layers": ns.layers or d["layers"], "batch": ns.batch or d["batch"],
+            "size": ns.size, "steps": ns.steps, "order": ns.order, "device": ns.device,
+            "channels_last": not ns.no_channels_last, "checkpoint_cells": ns.checkpoint_cells,
+            "amp": ns.device == "cuda" and not ns.no_amp, "threads": ns.threads or torch.get_num_threads()}
+    print(f"bench {ns.kind}: {args}", file=sys.stderr)
+    result = bench(ns.kind, **args)
+    if ns.json:
+        print(json.dumps(result))
+        return 0
+    for side in ("fast", "plain"):
+        r = result[side]
+        print(f"{side:>5}: {r['images_per_s']:9.1f} images/s  {r['step_s'] * 1e3:8.1f} ms/step  "
+              f"peak {r['peak_memory_mb']:8.1f} MB  (step {r['step_memory_mb']:.1f} MB)")
+    mem = f"{result['memory_ratio']:.2f}x" if result["memory_ratio"] is not None else "n/a"
+    print(f"speedup {result['speedup']:.2f}x   memory ratio (fast/plain) {mem}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="fast vs plain (research-code) step: images/s, peak memory, ratios")
+    p.add_argument("kind", choices=("search", "eval", "data"))
+    p.add_argument("--order", type=int, choices=(1, 2), default=2)
+    p.add_argument("--C", type=int, help="channels (search 16, eval 36)")
+    p.add_argument("--layers", type=int, help="cells (search 5, eval 10)")
+    p.add_argument("--batch", type=int, help="batch size (search 16, eval 32)")
+    p.add_argument("--size", type=int, default=32, help="image size (default 32)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, help="torch threads (default: all)")
+    p.add_argument("--no-channels-last", action="store_true", help="fast side without channels_last")
+    p.add_argument("--checkpoint-cells", action="store_true", help="fast side with per-cell checkpointing")
+    p.add_argument("--no-amp", action="store_true", help="CUDA: fast side in float32")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,116 @@
+"""The fast step computes the same thing as the plain research-code step (gradients of weights and alpha)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nas import architect
+from nas.bench import PlainArchitect, plain_network
+from nas.ops import OpOptions
+from nas.opsets import OpSet
+from nas.search_network import SearchNetwork
+from nas.train import autocast_factory
+
+OPS = OpSet(("none", "skip_connect", "pib_conv_3x3", "dil_conv_3x3", "avg_pool_3x3", "max_pool_3x3"),
+            OpOptions("gelu", "bn", 2.0))
+
+
+def twins(checkpoint_cells=False):
+    """A fast network (channels_last, 'none' skipped) and a plain one (NCHW, every op) with equal weights."""
+    torch.manual_seed(0)
+    plain = plain_network(OPS, 4, 3, num_classes=3, in_channels=3, nodes=2).double()
+    fast = SearchNetwork(OPS, 4, 3, 2, 3, 3, checkpoint_cells=checkpoint_cells).double()
+    state = {}
+    for name, value in plain.state_dict().items():
+        parts = name.split(".")
+        if "ops" in parts:  # plain ops are indexed over every primitive, fast ones skip 'none'
+            i = parts.index("ops")
+            edge = fast.get_submodule(".".join(parts[:i]))
+            j = int(parts[i + 1])
+            if j not in edge.index:
+                continue
+            parts[i + 1] = str(edge.index.index(j))
+        state[".".join(parts)] = value
+    fast.load_state_dict(state)
+    with torch.no_grad():
+        for a, b in zip(fast.arch_parameters(), plain.arch_parameters()):
+            a.normal_(0, 0.3)
+            b.copy_(a)
+    fast = fast.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    batches = [(x[:4], torch.tensor([0, 1, 2, 0])), (x[4:], torch.tensor([2, 1, 0, 1]))]
+    return fast, plain, batches
+
+
+def flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+@pytest.mark.parametrize("checkpoint_cells", [False, True])
+def test_weight_gradients_match(checkpoint_cells):
+    fast, plain, ((x, y), _) = twins(checkpoint_cells)
+    F.cross_entropy(fast(x.contiguous(memory_format=torch.channels_last)), y).backward()
+    F.cross_entropy(plain(x), y).backward()
+    fw = {n: p.grad for n, p in fast.named_weights().items()}
+    for n, p in plain.named_weights().items():
+        parts = n.split(".")
+        if "ops" in parts:
+            i = parts.index("ops")
+            edge = fast.get_submodule(".".join(parts[:i]))
+            parts[i + 1] = str(edge.index.index(int(parts[i + 1])))
+        torch.testing.assert_close(fw[".".join(parts)], p.grad)
+    torch.testing.assert_close(flat([a.grad for a in fast.arch_parameters()]),
+                               flat([a.grad for a in plain.arch_parameters()]))
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_alpha_gradients_match_plain_darts(order):
+    fast, plain, (train, valid) = twins()
+    opt_f = torch.optim.SGD(fast.weights(), 0.1, momentum=0.9, weight_decay=3e-4)
+    opt_p = torch.optim.SGD(plain.weights(), 0.1, momentum=0.9, weight_decay=3e-4)
+    for model, opt in ((fast, opt_f), (plain, opt_p)):  # one weight step: momentum buffers in play
+        opt.zero_grad()
+        F.cross_entropy(model(train[0]), train[1]).backward()
+        opt.step()
+    if order == 2:
+        g_fast = architect.second_order_alpha_grads(fast, train, valid, 0.1, 0.9, 3e-4,
+                                                    architect.momentum_buffers(opt_f, fast))
+    else:
+        g_fast = architect.first_order_alpha_grads(fast, valid)
+    ref = PlainArchitect(plain, lambda: plain_network(OPS, 4, 3, 3, 3, 2).double(), 0.9, 3e-4)
+    g_plain = ref.alpha_grads(train, valid, 0.1, opt_p, unrolled=order == 2)
+    torch.testing.assert_close(flat(g_fast), flat(g_plain), rtol=1e-5, atol=1e-8)
+
+
+def test_mixed_precision_is_a_switch_on_only_for_cuda():
+    import contextlib
+
+    assert autocast_factory(None, torch.device("cpu")) is contextlib.nullcontext
+    assert autocast_factory(False, torch.device("cuda")) is contextlib.nullcontext
+    ctx = autocast_factory(True, torch.device("cpu"))()
+    assert isinstance(ctx, torch.autocast)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_step_runs_with_bf16_and_channels_last():
+    fast, _, ((x, y), _) = twins()
+    fast = fast.float().cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(fast(x.float().cuda().contiguous(memory_format=torch.channels_last)).float(), y.cuda())
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_bench_cli_json_smoke():
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "search", "--order", "1", "--C", "4",
+                           "--layers", "2", "--size", "8", "--batch", "4", "--steps", "1", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) >= {"fast", "plain", "speedup", "memory_ratio"}
+    assert out["fast"]["images_per_s"] > 0 and out["plain"]["images_per_s"] > 0
+    assert out["speedup"] == pytest.approx(out["fast"]["images_per_s"] / out["plain"]["images_per_s"])
