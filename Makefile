@@ -22,7 +22,13 @@ $(BIN)/dartsweep: pyproject.toml
 install: $(BIN)/dartsweep
 
 quickstart: install
-	$(BIN)/dartsweep sweep run quickstart --storage ./results
+	@if [ -f results/quickstart/sweep.yaml ]; then \
+		$(BIN)/dartsweep sweep resume results/quickstart; \
+	else \
+		$(BIN)/dartsweep sweep run quickstart --storage ./results; \
+	fi
+	$(BIN)/dartsweep sweep status results/quickstart
+	@echo "Next: $(BIN)/dartsweep analyze results/quickstart"
 
 test: install
 	$(BIN)/python -m pytest -q

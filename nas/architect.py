@@ -27,7 +27,14 @@ _UNUSED_OK = {"allow_unused": True, "materialize_grads": True}
 
 def _loss(model: SearchNetwork, x: torch.Tensor, y: torch.Tensor,
           weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    logits = model(x) if weights is None else functional_call(model, weights, (x,), strict=False)
+    if weights is None:
+        return F.cross_entropy(model(x).float(), y)
+    # Cell checkpointing would recompute with the module's own weights in backward, not these: off here.
+    saved, model.checkpoint_cells = model.checkpoint_cells, False
+    try:
+        logits = functional_call(model, weights, (x,), strict=False)
+    finally:
+        model.checkpoint_cells = saved
     return F.cross_entropy(logits.float(), y)
 
 

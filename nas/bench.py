@@ -176,6 +176,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _timed(step, steps: int, batch: int, device: torch.device, base_rss_mb: float) -> dict[str, float]:
+    """One warm-up step, then ``steps`` timed ones: images/s and peak memory (RSS growth on CPU)."""
+    step(0)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+        step(i)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    peak = _peak_memory(device)
+    return {"images_per_s": steps * batch / elapsed, "step_s": elapsed / steps, "peak_memory_mb": peak,
+            "step_memory_mb": peak - base_rss_mb if device.type == "cpu" else peak}
+
+
 def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     torch.manual_seed(0)
     device = torch.device(args["device"])
@@ -231,16 +245,7 @@ def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
         nn.utils.clip_grad_norm_(model.weights(), 5.0)
         opt.step()
 
-    step(0)  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    for i in range(1, args["steps"] + 1):
-        step(i)
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    peak = _peak_memory(device)
-    return {"images_per_s": args["steps"] * batch / elapsed, "step_s": elapsed / args["steps"],
-            "peak_memory_mb": peak, "step_memory_mb": peak - base if device.type == "cpu" else peak}
+    return _timed(step, args["steps"], batch, device, base)
 
 
 def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
@@ -277,16 +282,7 @@ def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
 
-    step(0)
-    _sync(device)
-    start = time.perf_counter()
-    for i in range(1, args["steps"] + 1):
-        step(i)
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    peak = _peak_memory(device)
-    return {"images_per_s": args["steps"] * batch / elapsed, "step_s": elapsed / args["steps"],
-            "peak_memory_mb": peak, "step_memory_mb": peak - base if device.type == "cpu" else peak}
+    return _timed(step, args["steps"], batch, device, base)
 
 
 def run_data_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:

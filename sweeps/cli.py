@@ -40,6 +40,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_overhead(args: argparse.Namespace) -> int:
+    from sweeps.overhead import measure_overhead
+
+    result = measure_overhead(args.trials, args.epochs, args.cpus)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['trials']} trials of ~{result['mean_trial_s']:.1f} s: in-process one after another "
+              f"{result['sequential_s']:.1f} s, as a Ray Tune sweep {result['sweep_s']:.1f} s "
+              f"(overhead {100 * result['overhead']:+.1f} %, Ray start-up included)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     sweep = sub.add_parser("sweep", help="launch, resume or inspect a Ray Tune sweep").add_subparsers(
         dest="sweep_command", required=True, metavar="ACTION")
@@ -58,6 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     p.set_defaults(func=cmd_resume)
+    p = sweep.add_parser("overhead", help="measure Ray Tune's wall-time overhead on tiny trials")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=30, help="epochs per trial (30 is about 20 s on 2 cores)")
+    p.add_argument("--cpus", type=int, help="threads per trial (default: all)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_overhead)
     p = sweep.add_parser("status", help="one line per trial: stage, state, epoch, latest metrics, error")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true")

@@ -168,14 +168,15 @@ def _tune_config(stage: Stage, spec: SweepSpec):
         mode = list(alg.mode) if alg.multi_objective else alg.mode[0]
         kwargs["search_alg"] = OptunaSearch(metric=metric, mode=mode)
     if stage.scheduler:
+        from ray.tune.schedulers import ASHAScheduler
+
         from sweeps.trainables import GroupedASHA
 
         s = stage.scheduler
         epochs = stage.base.get("epochs", 50 if stage.kind == "search" else 600)
         asha = dict(time_attr="training_iteration", metric=s["metric"], mode=s["mode"], max_t=epochs,
                     grace_period=min(s["grace_period"], epochs), reduction_factor=s["reduction_factor"])
-        kwargs["scheduler"] = (GroupedASHA(**asha) if stage.kind == "eval"
-                               else __import__("ray.tune.schedulers", fromlist=["ASHAScheduler"]).ASHAScheduler(**asha))
+        kwargs["scheduler"] = GroupedASHA(**asha) if stage.kind == "eval" else ASHAScheduler(**asha)
     return tune.TuneConfig(**kwargs)
 
 

@@ -86,6 +86,15 @@ def test_alpha_gradients_match_plain_darts(order):
     torch.testing.assert_close(flat(g_fast), flat(g_plain), rtol=1e-5, atol=1e-8)
 
 
+def test_second_order_unchanged_by_cell_checkpointing():
+    grads = []
+    for checkpoint_cells in (False, True):
+        fast, _, (train, valid) = twins(checkpoint_cells)
+        buffers = {n: torch.full_like(p, 0.01) for n, p in fast.named_weights().items()}
+        grads.append(flat(architect.second_order_alpha_grads(fast, train, valid, 0.1, 0.9, 3e-4, buffers)))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_mixed_precision_is_a_switch_on_only_for_cuda():
     import contextlib
 
