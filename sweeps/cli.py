@@ -43,13 +43,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_overhead(args: argparse.Namespace) -> int:
     from sweeps.overhead import measure_overhead
 
-    result = measure_overhead(args.trials, args.epochs, args.cpus)
+    result = measure_overhead(args.trials, args.epochs, args.cpus, args.checkpoint_every)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{result['trials']} trials of ~{result['mean_trial_s']:.1f} s: in-process one after another "
               f"{result['sequential_s']:.1f} s, as a Ray Tune sweep {result['sweep_s']:.1f} s "
-              f"(overhead {100 * result['overhead']:+.1f} %, Ray start-up included)")
+              f"(overhead {100 * result['overhead']:+.1f} %, Ray start-up included; checkpoint every "
+              f"{result['checkpoint_every']} epochs)")
     return 0
 
 
@@ -73,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_resume)
     p = sweep.add_parser("overhead", help="measure Ray Tune's wall-time overhead on tiny trials")
     p.add_argument("--trials", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=30, help="epochs per trial (30 is about 20 s on 2 cores)")
+    p.add_argument("--epochs", type=int, default=75, help="epochs per trial (75: about 20 s on 2 cores)")
+    p.add_argument("--checkpoint-every", type=int, default=10, help="epochs between trial checkpoints")
     p.add_argument("--cpus", type=int, help="threads per trial (default: all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_overhead)

@@ -158,7 +158,9 @@ def _tune_config(stage: Stage, spec: SweepSpec):
 
     alg = stage.search_alg
     kwargs: dict[str, Any] = {"num_samples": 1 if alg.type == "grid" else alg.num_samples,
-                              "trial_dirname_creator": _trial_dirname, "trial_name_creator": _trial_dirname}
+                              "trial_dirname_creator": _trial_dirname, "trial_name_creator": _trial_dirname,
+                              # a finished trial's worker runs the next one: no new process importing torch
+                              "reuse_actors": True}
     if spec.max_concurrent_trials:
         kwargs["max_concurrent_trials"] = spec.max_concurrent_trials
     if alg.type == "optuna":

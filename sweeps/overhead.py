@@ -19,7 +19,8 @@ from nas.data import load_dataset
 from nas.train import run_eval
 
 
-def measure_overhead(trials: int = 3, epochs: int = 30, cpus: int | None = None) -> dict[str, Any]:
+def measure_overhead(trials: int = 3, epochs: int = 75, cpus: int | None = None,
+                     checkpoint_every: int = 10) -> dict[str, Any]:
     from sweeps.driver import run_sweep
     from sweeps.spec import parse_sweep
 
@@ -36,7 +37,7 @@ def measure_overhead(trials: int = 3, epochs: int = 30, cpus: int | None = None)
     sequential = time.perf_counter() - start
     raw = {"name": "overhead", "dataset": "digits",
            "eval": {**{k: v for k, v in base.items() if k != "dataset"}, "genotypes": ["DARTS_V2"], "layers": [2],
-                    "seeds": list(range(trials)), "resources": {"cpu": cpus}, "checkpoint_every": 1},
+                    "seeds": list(range(trials)), "resources": {"cpu": cpus}, "checkpoint_every": checkpoint_every},
            "failure": {"max_failures": 0}}
     with tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
@@ -46,4 +47,5 @@ def measure_overhead(trials: int = 3, epochs: int = 30, cpus: int | None = None)
 
         ray.shutdown()
     return {"trials": trials, "epochs": epochs, "cpus": cpus, "mean_trial_s": sum(per_trial) / trials,
-            "sequential_s": sequential, "sweep_s": swept, "overhead": swept / sequential - 1}
+            "checkpoint_every": checkpoint_every, "sequential_s": sequential, "sweep_s": swept,
+            "overhead": swept / sequential - 1}

@@ -119,7 +119,7 @@ def _positive_int(value: Any, where: str) -> int:
     return value
 
 
-def _scheduler(raw: Any, where: str) -> dict[str, Any] | None:
+def _scheduler(raw: Any, where: str, default_metric: str) -> dict[str, Any] | None:
     if raw is None:
         return None
     raw = {"type": raw} if isinstance(raw, str) else dict(raw)
@@ -129,7 +129,7 @@ def _scheduler(raw: Any, where: str) -> dict[str, Any] | None:
     if unknown:
         raise _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: grace_period, metric, mode, reduction_factor")
     out = {"type": "asha", "grace_period": raw.get("grace_period", 1), "reduction_factor": raw.get("reduction_factor", 3),
-           "metric": raw.get("metric", "test_acc"), "mode": raw.get("mode", "max")}
+           "metric": raw.get("metric", default_metric), "mode": raw.get("mode", "max")}
     _positive_int(out["grace_period"], f"{where}.grace_period")
     if not isinstance(out["reduction_factor"], (int, float)) or out["reduction_factor"] <= 1:
         raise _fail(f"{where}.reduction_factor", f"must be > 1, got {out['reduction_factor']!r}")
@@ -216,7 +216,7 @@ def _search_stage(raw: Any, dataset: str, data_dir: str) -> Stage:
     axes = {"op_sets": op_sets, "F": F if isinstance(F, dict) else None, "seeds": seeds}
     return Stage("search", axes, base_full, _resources(raw.get("resources"), f"{where}.resources"),
                  _positive_int(raw.get("checkpoint_every", 1), f"{where}.checkpoint_every"), alg,
-                 _scheduler(raw.get("scheduler"), f"{where}.scheduler"))
+                 _scheduler(raw.get("scheduler"), f"{where}.scheduler", "valid_acc"))
 
 
 def _eval_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, has_search: bool) -> Stage:
@@ -258,7 +258,7 @@ def _eval_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, has_searc
             config_from_mapping(EvalConfig, {**base_full, "genotype": g, "layers": 1, "seed": seeds[0]}, where)
     if not genotypes:
         raise _fail(f"{where}.genotypes", "is empty")
-    scheduler = _scheduler(raw.get("scheduler"), f"{where}.scheduler")
+    scheduler = _scheduler(raw.get("scheduler"), f"{where}.scheduler", "test_acc")
     if scheduler and alg.multi_objective:
         raise _fail(f"{where}.scheduler", "ASHA cannot prune a multi-objective search; drop the scheduler")
     axes = {"genotypes": genotypes, "layers": layers, "F": F, "seeds": seeds}
