@@ -50,8 +50,8 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
     return [rows[k] for k in sorted(rows, key=lambda v: (v is None, v))]
 
 
-def _ray_statuses(stage_dir: Path) -> dict[str, tuple[str, str]]:
-    """trial_id -> (Ray status, error message) from the experiment state, when readable."""
+def _ray_statuses(stage_dir: Path) -> dict[str, tuple[str, str, dict]]:
+    """trial_id -> (Ray status, error message, config) from the experiment state, when readable."""
     try:
         from ray.tune import ExperimentAnalysis
 
@@ -64,7 +64,7 @@ def _ray_statuses(stage_dir: Path) -> dict[str, tuple[str, str]]:
             if t.status == "ERROR":
                 err = Path(t.local_path or "", "error.txt") if getattr(t, "local_path", None) else None
                 message = getattr(t, "error_message", None) or (err.read_text() if err and err.is_file() else "")
-            out[t.trial_id] = (t.status, message)
+            out[t.trial_id] = (t.status, message, dict(t.config))
         return out
     except Exception:  # noqa: BLE001 - a copied or partial folder: fall back to the files
         return {}
@@ -88,7 +88,7 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
             continue
         last = results[-1] if results else {}
         trial_id = last.get("trial_id") or trial_dir.name.rsplit("_", 1)[-1]
-        ray_status, ray_error = statuses.get(trial_id, ("", ""))
+        ray_status, ray_error, _ = statuses.pop(trial_id, ("", "", {}))
         error_file = trial_dir / "error.txt"
         epochs_total = params.get("base", {}).get("epochs", 50 if stage == "search" else 600)
         metric = "valid_acc" if stage == "search" else "test_acc"
@@ -123,6 +123,15 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
             history.append({"stage": stage, "trial_id": trial_id, **{k: v for k, v in r.items()
                                                                      if isinstance(v, (int, float, str, type(None)))
                                                                      and k != "trial_id"}})
+    for trial_id, (ray_status, _, config) in statuses.items():  # known to Ray, never started: no folder yet
+        epochs_total = config.get("base", {}).get("epochs", 50 if stage == "search" else 600)
+        trials.append({
+            "stage": stage, "trial_id": trial_id, "status": "unfinished", "ray_status": ray_status,
+            "op_set": config.get("op_set"), "F": _num(config.get("F")), "genotype_id": config.get("genotype"),
+            "layers": _num(config.get("layers")), "seed": _num(config.get("seed")), "epochs_done": 0,
+            "epochs_total": epochs_total, "final_acc": math.nan, "best_acc": math.nan, "params_m": math.nan,
+            "gmac": math.nan, "wall_time_s": 0.0, "error": "", "trial_dir": "",
+        })
     return trials, history
 
 

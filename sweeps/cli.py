@@ -61,8 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("sweep", help="sweep YAML path or built-in name (quickstart, paper_table1, roadmap, f_sweep, "
                                  "optuna_pareto)")
     p.add_argument("--address", help="Ray cluster: auto | ray://HOST:PORT (default: an embedded local Ray)")
-    p.add_argument("--storage", help="where sweep folders go (local or shared path; default from the file, "
-                                     "else ./results)")
+    p.add_argument("--storage", help="where sweep folders go: a local or shared path, or a cloud URI "
+                                     "(s3://...); default from the file, else ./results")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trial table; train nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: the table as JSON")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Ray Tune console verbosity")

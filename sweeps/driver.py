@@ -25,7 +25,7 @@ import yaml
 
 from nas.errors import ConfigError
 from nas.genotypes import Genotype
-from nas.io import write_json_atomic, write_text_atomic
+from nas.io import write_text_atomic
 from sweeps.spec import (DATASET_SHAPES, SEARCHED, Stage, SweepSpec, eval_trials, genotype_for_trial, parse_sweep,
                          search_trials)
 
@@ -35,36 +35,90 @@ STAGES = ("search", "eval")
 
 @dataclass(frozen=True)
 class SweepDir:
-    path: Path
+    """A sweep folder on a local or shared filesystem (a path) or in cloud storage (a URI Ray supports,
+    e.g. ``s3://bucket/sweeps/name``), read and written through pyarrow's filesystems as Ray does."""
+
+    location: str
+
+    @staticmethod
+    def at(location: str | Path) -> "SweepDir":
+        text = str(location)
+        return SweepDir(text.rstrip("/") if "://" in text else str(Path(text).expanduser().resolve()))
 
     @property
-    def sweep_file(self) -> Path:
-        return self.path / SWEEP_FILE
-
-    def stage_dir(self, stage: str) -> Path:
-        return self.path / stage
+    def is_local(self) -> bool:
+        return "://" not in self.location
 
     @property
-    def genotype_dir(self) -> Path:
-        return self.path / GENOTYPE_DIR
+    def path(self) -> Path:
+        """The local folder (status and analysis read local copies)."""
+        if not self.is_local:
+            raise ConfigError(f"{self.location} is remote; copy it locally first (e.g. `aws s3 sync`)")
+        return Path(self.location)
+
+    @property
+    def name(self) -> str:
+        return self.location.rstrip("/").rsplit("/", 1)[-1]
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.location, *parts]) if not self.is_local else str(Path(self.location, *parts))
+
+    def _fs(self):
+        import pyarrow.fs as pafs
+
+        if self.is_local:
+            return pafs.LocalFileSystem(), self.location
+        return pafs.FileSystem.from_uri(self.location)
+
+    def exists(self, *parts: str) -> bool:
+        import pyarrow.fs as pafs
+
+        fs, root = self._fs()
+        return fs.get_file_info("/".join([root, *parts])).type != pafs.FileType.NotFound
+
+    def is_empty(self) -> bool:
+        import pyarrow.fs as pafs
+
+        fs, root = self._fs()
+        if fs.get_file_info(root).type == pafs.FileType.NotFound:
+            return True
+        return not fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+
+    def read_text(self, *parts: str) -> str:
+        fs, root = self._fs()
+        with fs.open_input_stream("/".join([root, *parts])) as fh:
+            return fh.read().decode()
+
+    def write_text(self, text: str, *parts: str) -> None:
+        """Atomic: a rename on filesystems, a single object put in cloud storage."""
+        if self.is_local:
+            write_text_atomic(Path(self.location, *parts), text)
+            return
+        fs, root = self._fs()
+        path = "/".join([root, *parts])
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as fh:
+            fh.write(text.encode())
+
+    def write_json(self, data: Any, *parts: str) -> None:
+        self.write_text(json.dumps(data, indent=2) + "\n", *parts)
 
     def read_state(self) -> dict[str, Any]:
-        f = self.path / STATE_FILE
-        return json.loads(f.read_text()) if f.is_file() else {"stages": {}}
+        return json.loads(self.read_text(STATE_FILE)) if self.exists(STATE_FILE) else {"stages": {}}
 
     def mark(self, stage: str, status: str) -> None:
         state = self.read_state()
         state.setdefault("stages", {})[stage] = status
-        write_json_atomic(self.path / STATE_FILE, state)
+        self.write_json(state, STATE_FILE)
 
     def is_sweep(self) -> bool:
-        return self.sweep_file.is_file()
+        return self.exists(SWEEP_FILE)
 
     def load_spec(self) -> SweepSpec:
         if not self.is_sweep():
-            raise ConfigError(f"{self.path} is not a sweep directory (no {SWEEP_FILE}); "
+            raise ConfigError(f"{self.location} is not a sweep directory (no {SWEEP_FILE}); "
                               "pass the folder that `dartsweep sweep run` printed")
-        return parse_sweep(yaml.safe_load(self.sweep_file.read_text()), self.path)
+        return parse_sweep(yaml.safe_load(self.read_text(SWEEP_FILE)), self.path if self.is_local else Path("."))
 
 
 def _print(msg: str) -> None:
@@ -198,11 +252,11 @@ def _trainable(stage: Stage) -> Callable:
     return tune.with_resources(fn, res)
 
 
-def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, storage: str, genotypes: dict | None = None,
+def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict | None = None,
                verbose: int = 1) -> Any:
     from ray import tune
 
-    stage_path = _join(storage, spec.name, stage.kind)
+    stage_path = sweep.join(stage.kind)
     trainable = _trainable(stage)
     if tune.Tuner.can_restore(stage_path):
         _print(f"{stage.kind}: continuing the experiment in {stage_path}")
@@ -210,7 +264,7 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, storage: str, gen
     else:
         _print(f"{stage.kind}: starting {stage_path}")
         run_config = tune.RunConfig(
-            name=stage.kind, storage_path=_join(storage, spec.name), verbose=verbose,
+            name=stage.kind, storage_path=sweep.location, verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         )
@@ -223,17 +277,11 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, storage: str, gen
     return results
 
 
-def _join(storage: str, *parts: str) -> str:
-    if "://" in storage:
-        return "/".join([storage.rstrip("/"), *parts])
-    return str(Path(storage, *parts).expanduser().resolve())
-
-
 def collect_genotypes(sweep: SweepDir) -> dict[str, Any]:
     """Derived genotypes of the finished search trials, written to ``genotypes/`` (atomic) and returned."""
     from ray import tune
 
-    analysis = tune.ExperimentAnalysis(str(sweep.stage_dir("search")))
+    analysis = tune.ExperimentAnalysis(sweep.join("search"))
     found: dict[str, Any] = {}
     for trial in analysis.trials:
         last = trial.last_result or {}
@@ -244,9 +292,9 @@ def collect_genotypes(sweep: SweepDir) -> dict[str, Any]:
                  "seed": last.get("seed"), "valid_acc": last.get("valid_acc"), "source_trial": trial.trial_id}
         if g.id not in found:
             found[g.id] = entry
-            write_json_atomic(sweep.genotype_dir / f"{g.id}.json", entry)
-    write_json_atomic(sweep.genotype_dir / "index.json", {k: {kk: v for kk, v in e.items() if kk != "genotype"}
-                                                          for k, e in found.items()})
+            sweep.write_json(entry, GENOTYPE_DIR, f"{g.id}.json")
+    sweep.write_json({k: {kk: v for kk, v in e.items() if kk != "genotype"} for k, e in found.items()},
+                     GENOTYPE_DIR, "index.json")
     return found
 
 
@@ -261,29 +309,25 @@ def eval_genotypes(spec: SweepSpec, searched: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None = None,
-              verbose: int = 1) -> Path:
+              verbose: int = 1) -> str:
     """Launch a new sweep; refuses to touch an existing sweep directory (use ``resume_sweep``)."""
     storage = storage or spec.storage or "./results"
-    if "://" in storage:
-        raise ConfigError("this version keeps the sweep folder on a local or shared filesystem; mount the bucket "
-                          "or pass a shared path to --storage")
-    sweep = SweepDir(Path(_join(storage, spec.name)))
-    if sweep.path.exists() and any(sweep.path.iterdir()):
-        raise ConfigError(f"{sweep.path} already exists; continue it with `dartsweep sweep resume {sweep.path}` "
-                          "or change the sweep's name")
+    root = SweepDir.at(storage)
+    sweep = SweepDir.at(root.join(spec.name))
+    if not sweep.is_empty():
+        raise ConfigError(f"{sweep.location} already exists; continue it with `dartsweep sweep resume "
+                          f"{sweep.location}` or change the sweep's name")
     from nas.data import check_dataset_available
 
     check_dataset_available(spec.dataset, spec.data_dir)
-    sweep.path.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(sweep.sweep_file, yaml.safe_dump({**spec.raw, "storage": str(Path(storage).resolve())},
-                                                       sort_keys=False))
-    write_json_atomic(sweep.path / STATE_FILE, {"stages": {}})
+    sweep.write_text(yaml.safe_dump({**spec.raw, "storage": root.location}, sort_keys=False), SWEEP_FILE)
+    sweep.write_json({"stages": {}}, STATE_FILE)
     return _continue(spec, sweep, address, verbose)
 
 
-def resume_sweep(path: str | Path, address: str | None = None, verbose: int = 1) -> Path:
+def resume_sweep(location: str | Path, address: str | None = None, verbose: int = 1) -> str:
     """Continue a sweep: unfinished and errored trials from their last checkpoints; finished ones are kept."""
-    sweep = SweepDir(Path(path).expanduser().resolve())
+    sweep = SweepDir.at(location)
     spec = sweep.load_spec()
     from nas.data import check_dataset_available
 
@@ -291,24 +335,24 @@ def resume_sweep(path: str | Path, address: str | None = None, verbose: int = 1)
     return _continue(spec, sweep, address, verbose)
 
 
-def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: int) -> Path:
+def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: int) -> str:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: see README
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    storage = str(sweep.path.parent)
     _ray_init(address)
     state = sweep.read_state().get("stages", {})
     searched: dict[str, Any] = {}
     if spec.search is not None:
         if state.get("search") != "done":
-            _run_stage(spec, sweep, spec.search, storage, verbose=verbose)
+            _run_stage(spec, sweep, spec.search, verbose=verbose)
         searched = collect_genotypes(sweep)
-        _print(f"search: {len(searched)} genotype(s) in {sweep.genotype_dir}")
+        _print(f"search: {len(searched)} genotype(s) in {sweep.join(GENOTYPE_DIR)}")
     if spec.eval is not None and state.get("eval") != "done":
         genotypes = eval_genotypes(spec, searched)
         if not genotypes:
             sweep.mark("eval", "skipped_no_genotypes")
             _print("eval: no genotypes to evaluate (every search trial failed); see `dartsweep sweep status`")
         else:
-            _run_stage(spec, sweep, spec.eval, storage, genotypes, verbose=verbose)
-    _print(f"results in {sweep.path}  (dartsweep sweep status {sweep.path}; dartsweep analyze {sweep.path})")
-    return sweep.path
+            _run_stage(spec, sweep, spec.eval, genotypes, verbose=verbose)
+    loc = sweep.location
+    _print(f"results in {loc}  (dartsweep sweep status {loc}; dartsweep analyze {loc})")
+    return loc

@@ -12,8 +12,8 @@ def sweep_status(path: Path, as_json: bool = False) -> str:
     from analysis.frames import trials_frame
     from sweeps.driver import SweepDir
 
-    sweep = SweepDir(path.expanduser())
-    if not sweep.is_sweep():
+    sweep = SweepDir.at(path)
+    if not sweep.is_local or not sweep.is_sweep():
         raise ConfigError(f"{path} is not a sweep directory (no sweep.yaml); pass the folder `sweep run` printed")
     frame = trials_frame(sweep.path)
     if as_json:

@@ -42,7 +42,7 @@ def mixed_sweep(tmp_path_factory):
     (driver SIGKILLed) trials."""
     tmp = tmp_path_factory.mktemp("analysis")
     raw = sweep_file(tmp, "mixed", evaluation={"genotypes": ["PIBCONV"], "F": [2.0, 1.0e12], "layers": [1, 2],
-                                               "seeds": [0, 1], "epochs": 4, "max_steps_per_epoch": 6},
+                                               "seeds": [0, 1], "epochs": 4, "max_steps_per_epoch": 15},
                      max_failures=0)
     file = tmp / "mixed.yaml"
     file.write_text(yaml.safe_dump(raw))
@@ -54,9 +54,8 @@ def mixed_sweep(tmp_path_factory):
         deadline = time.time() + 180
         while time.time() < deadline:
             dirs = [d for d in stage.glob("eval_*F2_*") if (d / "result.json").exists()]
-            if any(epochs_of(d)[-1:] == [4] for d in dirs) and len(dirs) >= 2 and \
-                    len(list(stage.glob("eval_*/error.txt"))) >= 1:
-                time.sleep(2.5)
+            if any(epochs_of(d)[-1:] == [4] for d in dirs) and len(list(stage.glob("eval_*/error.txt"))) >= 1:
+                time.sleep(0.5)  # one experiment-state save may land; F=2 trials of seed 1 are still to run
                 break
             time.sleep(0.2)
         os.kill(driver.pid, signal.SIGKILL)
@@ -80,7 +79,8 @@ def test_frames_flag_errored_and_unfinished(mixed_sweep):
     finished = trials[trials.status == "finished"]
     assert (finished.epochs_done == 4).all() and finished.final_acc.between(0, 100).all()
     assert (finished.params_m > 0).all() and (finished.gmac > 0).all()
-    assert (trials[trials.status == "unfinished"].epochs_done < 4).all()
+    unfinished = trials[trials.status == "unfinished"]
+    assert len(unfinished) and (unfinished.epochs_done < 4).all()
     assert {"trial_id", "epoch", "test_acc"} <= set(history.columns)
 
 

@@ -14,7 +14,7 @@ import yaml
 from tests.ray_helpers import epochs_of, sweep_file
 
 pytestmark = pytest.mark.slow
-EPOCHS = 6
+EPOCHS = 15
 
 
 def cli(*args):
@@ -27,7 +27,7 @@ def trial_dirs(stage_dir: Path) -> list[Path]:
 
 def test_driver_sigkill_then_resume(tmp_path):
     raw = sweep_file(tmp_path, "killed", evaluation={"genotypes": ["DARTS_V2"], "layers": [1, 2], "seeds": [0, 1],
-                                                     "epochs": EPOCHS, "max_steps_per_epoch": 6})
+                                                     "epochs": EPOCHS, "max_steps_per_epoch": 10})
     file = tmp_path / "killed.yaml"
     file.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -49,7 +49,8 @@ def test_driver_sigkill_then_resume(tmp_path):
                 break
             time.sleep(0.2)
         driver.wait(30)
-        assert driver.returncode == -signal.SIGKILL, (tmp_path / "run.log").read_text()[-3000:]
+        assert driver.returncode == -signal.SIGKILL, "the sweep ended before the kill: " + \
+            (tmp_path / "run.log").read_text()[-3000:]
         assert finished
         state = json.loads((tmp_path / "killed" / "state.json").read_text())
         assert state["stages"].get("eval") != "done"

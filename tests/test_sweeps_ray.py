@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -12,6 +13,7 @@ ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
 from analysis.frames import load_frames  # noqa: E402
+from nas.errors import ConfigError  # noqa: E402
 from sweeps.driver import _param_space, resume_sweep, run_sweep  # noqa: E402
 from sweeps.spec import parse_sweep  # noqa: E402
 from sweeps.status import sweep_status  # noqa: E402
@@ -28,7 +30,7 @@ def local_ray():
 def test_two_stage_sweep_end_to_end(tmp_path):
     raw = sweep_file(tmp_path, "e2e", search={"op_sets": ["pibconv"], "F": [2.0, 3.0], "epochs": 2},
                      evaluation={"genotypes": ["searched", "DARTS_V2"], "layers": [1, 2], "epochs": 2})
-    path = run_sweep(parse_sweep(raw), storage=str(tmp_path), verbose=0)
+    path = Path(run_sweep(parse_sweep(raw), storage=str(tmp_path), verbose=0))
     assert json.loads((path / "state.json").read_text())["stages"] == {"search": "done", "eval": "done"}
     index = json.loads((path / "genotypes" / "index.json").read_text())
     assert 1 <= len(index) <= 2 and all((path / "genotypes" / f"{g}.json").is_file() for g in index)
@@ -90,7 +92,7 @@ def test_diverging_trial_stops_with_clear_error_and_others_finish(tmp_path):
     # the search trial diverges (absurd learning rate); the eval stage still trains the named genotype
     raw = sweep_file(tmp_path, "nan", search={"op_sets": ["darts"], "epochs": 3, "lr": 1.0e30, "grad_clip": 1.0e30},
                      evaluation={"genotypes": ["searched", "DARTS_V2"], "layers": [1], "epochs": 2}, max_failures=3)
-    path = run_sweep(parse_sweep(raw), storage=str(tmp_path), verbose=0)
+    path = Path(run_sweep(parse_sweep(raw), storage=str(tmp_path), verbose=0))
     trials, _ = load_frames(path)
     search = trials[trials.stage == "search"].iloc[0]
     assert search.status == "diverged" and "DivergenceError: loss became" in search.error
@@ -99,3 +101,18 @@ def test_diverging_trial_stops_with_clear_error_and_others_finish(tmp_path):
     assert list(evals.genotype_id) == ["DARTS_V2"] and list(evals.status) == ["finished"]
     status = sweep_status(path)
     assert "diverged" in status and "loss became" in status
+
+
+def test_storage_uri_goes_through_pyarrow(tmp_path):
+    """A URI storage (file:// takes the same pyarrow path as s3://) holds the whole sweep; resume works."""
+    raw = sweep_file(tmp_path, "uri", evaluation={"genotypes": ["DARTS_V2"], "layers": [1], "epochs": 1})
+    location = run_sweep(parse_sweep(raw), storage=f"file://{tmp_path}/bucket", verbose=0)
+    assert location == f"file://{tmp_path}/bucket/uri"
+    local = tmp_path / "bucket" / "uri"
+    assert json.loads((local / "state.json").read_text())["stages"] == {"eval": "done"}
+    assert yaml.safe_load((local / "sweep.yaml").read_text())["storage"] == f"file://{tmp_path}/bucket"
+    trials, _ = load_frames(local)
+    assert list(trials.status) == ["finished"]
+    assert resume_sweep(location, verbose=0) == location
+    with pytest.raises(ConfigError, match="already exists"):
+        run_sweep(parse_sweep(raw), storage=f"file://{tmp_path}/bucket", verbose=0)
