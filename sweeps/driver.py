@@ -180,8 +180,9 @@ def _ray_init(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:  # an embedded single-machine Ray, reachable from this machine only
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 log_to_driver=True, configure_logging=False)
+        # "local": always a fresh instance; with no address Ray would join the last cluster started here
+        ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
 
 
 def _param_space(stage: Stage, genotypes: dict[str, Any] | None = None) -> dict[str, Any]:

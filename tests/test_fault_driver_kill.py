@@ -59,13 +59,14 @@ def test_driver_sigkill_then_resume(tmp_path):
                                 capture_output=True, text=True, env=env, timeout=300)
         assert resume.returncode == 0, resume.stderr[-3000:]
         dirs = trial_dirs(stage)
-        assert len(dirs) == 4
+        status = subprocess.run(cli("sweep", "status", str(tmp_path / "killed")), capture_output=True, text=True)
+        assert len(dirs) == 4, status.stdout
         for d in dirs:
             epochs = epochs_of(d)
-            assert sorted(set(epochs)) == list(range(1, EPOCHS + 1)), (d.name, epochs)
+            assert sorted(set(epochs)) == list(range(1, EPOCHS + 1)), (d.name, epochs, status.stdout,
+                                                                     resume.stderr[-4000:])
         for d, content in finished.items():
             assert (d / "result.json").read_bytes() == content  # finished trials untouched
-        status = subprocess.run(cli("sweep", "status", str(tmp_path / "killed")), capture_output=True, text=True)
         assert status.returncode == 0 and status.stdout.strip().splitlines()[-1] == "trials: 4 finished"
     finally:
         try:
