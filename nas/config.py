@@ -72,8 +72,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         _common_checks(self)
         _positive("nodes", self.nodes, integer=True)
-        for name in ("arch_lr",):
-            _positive(name, getattr(self, name))
+        _positive("arch_lr", self.arch_lr)
         _positive("arch_weight_decay", self.arch_weight_decay, allow_zero=True)
         if self.order not in (1, 2):
             raise ConfigError(f"order must be 1 or 2, got {self.order!r}")

@@ -174,7 +174,8 @@ def _config_fields(cls: type) -> set[str]:
     return {f.name for f in fields(cls)}
 
 
-def _split_stage(raw: Mapping[str, Any], kind: str, where: str) -> tuple[dict, dict]:
+def _split_stage(raw: Mapping[str, Any], kind: str, where: str) -> dict[str, Any]:
+    """The stage's fixed config fields, after rejecting unknown keys."""
     cls = SearchConfig if kind == "search" else EvalConfig
     grid_keys = SEARCH_GRID_KEYS if kind == "search" else EVAL_GRID_KEYS
     owned = {"dataset", "data_dir", "seed", "op_set", "bottleneck_ratio", "genotype"}
@@ -183,14 +184,14 @@ def _split_stage(raw: Mapping[str, Any], kind: str, where: str) -> tuple[dict, d
     if unknown:
         raise _fail(where, f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
     base = {k: v for k, v in raw.items() if k in _config_fields(cls) and k not in grid_keys}
-    return dict(raw), base
+    return base
 
 
 def _search_stage(raw: Any, dataset: str, data_dir: str) -> Stage:
     where = "search"
     if not isinstance(raw, Mapping):
         raise _fail(where, "must be a mapping of settings")
-    raw, base = _split_stage(raw, "search", where)
+    base = _split_stage(raw, "search", where)
     op_specs = _grid(raw, "op_sets", where, default=["pibconv"])
     if isinstance(op_specs, dict):
         raise _fail(f"{where}.op_sets", "must be a list of op set names or mappings, not a range")
@@ -223,7 +224,7 @@ def _eval_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, has_searc
     where = "eval"
     if not isinstance(raw, Mapping):
         raise _fail(where, "must be a mapping of settings")
-    raw, base = _split_stage(raw, "eval", where)
+    base = _split_stage(raw, "eval", where)
     specs = _grid(raw, "genotypes", where, default=[SEARCHED] if has_search else None)
     if specs is None or isinstance(specs, dict):
         raise _fail(f"{where}.genotypes", "needs a list: 'searched', built-in names or genotype JSON files")
