@@ -34,6 +34,7 @@ from typing import Any
 import pandas as pd
 
 from nas.errors import ConfigError
+from sweeps.spec import stage_epochs
 
 TRIAL_COLUMNS = ["stage", "trial_id", "status", "ray_status", "op_set", "F", "genotype_id", "layers", "seed",
                  "epochs_done", "epochs_total", "final_acc", "best_acc", "params_m", "gmac", "wall_time_s", "error",
@@ -90,7 +91,7 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
         trial_id = last.get("trial_id") or trial_dir.name.rsplit("_", 1)[-1]
         ray_status, ray_error, _ = statuses.pop(trial_id, ("", "", {}))
         error_file = trial_dir / "error.txt"
-        epochs_total = params.get("base", {}).get("epochs", 50 if stage == "search" else 600)
+        epochs_total = stage_epochs(stage, params.get("base", {}))
         metric = "valid_acc" if stage == "search" else "test_acc"
         accs = [r[metric] for r in results if isinstance(r.get(metric), (int, float))]
         if last.get("diverged"):
@@ -124,7 +125,7 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
                                                                      if isinstance(v, (int, float, str, type(None)))
                                                                      and k != "trial_id"}})
     for trial_id, (ray_status, _, config) in statuses.items():  # known to Ray, never started: no folder yet
-        epochs_total = config.get("base", {}).get("epochs", 50 if stage == "search" else 600)
+        epochs_total = stage_epochs(stage, config.get("base", {}))
         trials.append({
             "stage": stage, "trial_id": trial_id, "status": "unfinished", "ray_status": ray_status,
             "op_set": config.get("op_set"), "F": _num(config.get("F")), "genotype_id": config.get("genotype"),

@@ -158,6 +158,13 @@ def _synthetic(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, 10, n)
 
 
+def _device_data(images: np.ndarray, labels: np.ndarray, device: torch.device) -> ImageData:
+    """CIFAR-shaped uint8 images held on ``device``, as the fast pipeline keeps them."""
+    return ImageData("bench", torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
+                     torch.from_numpy(labels).to(device), torch.empty(0), torch.empty(0), CIFAR_MEAN, CIFAR_STD,
+                     10, 4, 16)
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -208,9 +215,7 @@ def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast and args["amp"] else None
     plain = None if fast else PlainArchitect(
         model, lambda: plain_network(op_set, args["C"], args["layers"]).to(device), 0.9, 3e-4)
-    data = ImageData("bench", torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
-                     torch.from_numpy(labels).to(device), torch.empty(0), torch.empty(0), CIFAR_MEAN, CIFAR_STD,
-                     10, 4, 16)
+    data = _device_data(images, labels, device)
     gen = torch.Generator(device=device).manual_seed(0)
     loader = None if fast else iter(plain_loader(images, labels, batch))
 
@@ -261,9 +266,7 @@ def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast and args["amp"] else \
         __import__("contextlib").nullcontext
-    data = ImageData("bench", torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
-                     torch.from_numpy(labels).to(device), torch.empty(0), torch.empty(0), CIFAR_MEAN, CIFAR_STD,
-                     10, 4, 16)
+    data = _device_data(images, labels, device)
     gen = torch.Generator(device=device).manual_seed(0)
     loader = None if fast else iter(plain_loader(images, labels, batch, cutout=16))
 
@@ -291,9 +294,7 @@ def run_data_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     images, labels = _synthetic(n, args["size"])
     device = torch.device(args["device"])
     if fast:
-        data = ImageData("bench", torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device),
-                         torch.from_numpy(labels).to(device), torch.empty(0), torch.empty(0), CIFAR_MEAN, CIFAR_STD,
-                         10, 4, 16)
+        data = _device_data(images, labels, device)
         gen = torch.Generator(device=device).manual_seed(0)
         start = time.perf_counter()
         for i in range(20):

@@ -30,7 +30,6 @@ from sweeps.spec import (DATASET_SHAPES, SEARCHED, Stage, SweepSpec, eval_trials
                          search_trials)
 
 SWEEP_FILE, STATE_FILE, GENOTYPE_DIR = "sweep.yaml", "state.json", "genotypes"
-STAGES = ("search", "eval")
 
 
 @dataclass(frozen=True)
@@ -55,10 +54,6 @@ class SweepDir:
         if not self.is_local:
             raise ConfigError(f"{self.location} is remote; copy it locally first (e.g. `aws s3 sync`)")
         return Path(self.location)
-
-    @property
-    def name(self) -> str:
-        return self.location.rstrip("/").rsplit("/", 1)[-1]
 
     def join(self, *parts: str) -> str:
         return "/".join([self.location, *parts]) if not self.is_local else str(Path(self.location, *parts))
@@ -134,7 +129,7 @@ def trial_table(spec: SweepSpec, searched: dict[str, Any] | None = None) -> list
     rows: list[dict[str, Any]] = []
     if spec.search is not None:
         for t in search_trials(spec.search):
-            rows.append({"stage": "search", **t, "epochs": spec.search.base.get("epochs", 50)})
+            rows.append({"stage": "search", **t, "epochs": spec.search.epochs})
     if spec.eval is not None:
         stage = spec.eval
         known = {k: {"genotype": v} for k, v in stage.axes["genotypes"].items() if v != SEARCHED}
@@ -144,18 +139,18 @@ def trial_table(spec: SweepSpec, searched: dict[str, Any] | None = None) -> list
         if stage.search_alg.type != "grid":  # sampled: list the space, not a grid
             for gid in known:
                 rows.append({"stage": "eval", "genotype": gid, "layers": stage.axes["layers"], "F": stage.axes["F"],
-                             "seed": stage.axes["seeds"], "epochs": stage.base.get("epochs", 600),
+                             "seed": stage.axes["seeds"], "epochs": stage.epochs,
                              "samples": f"{stage.search_alg.num_samples} ({stage.search_alg.type})"})
             return rows
         for t in eval_trials(stage, known):
             g = genotype_for_trial(known[t["genotype"]]["genotype"], t["F"])
             cost = complexity(g, t["layers"], channels, classes, in_ch, size)
-            rows.append({"stage": "eval", **t, "genotype": g.id, "epochs": stage.base.get("epochs", 600),
+            rows.append({"stage": "eval", **t, "genotype": g.id, "epochs": stage.epochs,
                          "params_m": round(cost.params_m, 3), "gmac": round(cost.gmac, 4)})
         if SEARCHED in stage.axes["genotypes"] and not searched:
             n = len(search_trials(spec.search)) if spec.search else 0
             rows.append({"stage": "eval", "genotype": f"<searched: up to {n}>", "layers": stage.axes["layers"],
-                         "F": stage.axes["F"], "seed": stage.axes["seeds"], "epochs": stage.base.get("epochs", 600)})
+                         "F": stage.axes["F"], "seed": stage.axes["seeds"], "epochs": stage.epochs})
     return rows
 
 
@@ -230,7 +225,7 @@ def _tune_config(stage: Stage, spec: SweepSpec):
         from sweeps.trainables import GroupedASHA
 
         s = stage.scheduler
-        epochs = stage.base.get("epochs", 50 if stage.kind == "search" else 600)
+        epochs = stage.epochs
         asha = dict(time_attr="training_iteration", metric=s["metric"], mode=s["mode"], max_t=epochs,
                     grace_period=min(s["grace_period"], epochs), reduction_factor=s["reduction_factor"])
         kwargs["scheduler"] = GroupedASHA(**asha) if stage.kind == "eval" else ASHAScheduler(**asha)

@@ -136,6 +136,11 @@ def _scheduler(raw: Any, where: str, default_metric: str) -> dict[str, Any] | No
     return out
 
 
+def stage_epochs(kind: str, base: Mapping[str, Any]) -> int:
+    """Epochs a stage trains: its own setting, else the phase config's default (50 search, 600 eval)."""
+    return base.get("epochs", (SearchConfig if kind == "search" else EvalConfig).epochs)
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage: the grid axes, the fixed config fields, and how Ray runs it."""
@@ -147,6 +152,10 @@ class Stage:
     checkpoint_every: int
     search_alg: SearchAlg
     scheduler: dict[str, Any] | None
+
+    @property
+    def epochs(self) -> int:
+        return stage_epochs(self.kind, self.base)
 
     @property
     def metric(self) -> str:
