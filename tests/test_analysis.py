@@ -44,7 +44,7 @@ def mixed_sweep(tmp_path_factory):
     (driver SIGKILLed) trials."""
     tmp = tmp_path_factory.mktemp("analysis")
     raw = sweep_file(tmp, "mixed", evaluation={"genotypes": ["PIBCONV"], "F": [2.0, 1.0e12], "layers": [1, 2],
-                                               "seeds": [0, 1], "epochs": EPOCHS, "max_steps_per_epoch": 15},
+                                               "seeds": [0, 1, 2], "epochs": EPOCHS, "max_steps_per_epoch": 15},
                      max_failures=0)
     file = tmp / "mixed.yaml"
     file.write_text(yaml.safe_dump(raw))
@@ -57,9 +57,10 @@ def mixed_sweep(tmp_path_factory):
         while time.time() < deadline:
             dirs = [d for d in stage.glob("eval_*F2_*") if (d / "result.json").exists()]
             if any(epochs_of(d)[-1:] == [EPOCHS] for d in dirs) and len(list(stage.glob("eval_*/error.txt"))):
-                time.sleep(2.5)  # past one experiment-state save; F=2 trials of seed 1 are still to run
+                time.sleep(2.5)  # past one experiment-state save; two more waves of F=2 trials are still to run
                 break
             time.sleep(0.2)
+        assert driver.poll() is None, "the sweep ended before the kill: no unfinished trial to analyse"
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(30)
     finally:
