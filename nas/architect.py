@@ -29,13 +29,7 @@ def _loss(model: SearchNetwork, x: torch.Tensor, y: torch.Tensor,
           weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     if weights is None:
         return F.cross_entropy(model(x).float(), y)
-    # Cell checkpointing would recompute with the module's own weights in backward, not these: off here.
-    saved, model.checkpoint_cells = model.checkpoint_cells, False
-    try:
-        logits = functional_call(model, weights, (x,), strict=False)
-    finally:
-        model.checkpoint_cells = saved
-    return F.cross_entropy(logits.float(), y)
+    return F.cross_entropy(functional_call(model, weights, (x,), strict=False).float(), y)
 
 
 def unrolled_weights(model: SearchNetwork, train: Batch, xi: float, momentum: float, weight_decay: float,

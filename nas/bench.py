@@ -26,10 +26,10 @@ from nas import architect
 from nas.data import ImageData, make_batch
 from nas.eval_network import EvalNetwork
 from nas.genotypes import PIBCONV
-from nas.ops import POOLING, build_op
+from nas.ops import POOLING, GroupedConv2d, build_op
 from nas.opsets import OP_SETS, OpSet
 from nas.search_network import SearchNetwork
-from nas.train import eval_loss
+from nas.train import eval_loss, keep_freed_memory
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -54,9 +54,18 @@ class PlainMixedOp(nn.Module):
         return mixed if out is None else out + mixed  # the cell's sum over edges, as DARTS writes it
 
 
+def native_convs(model: nn.Module) -> nn.Module:
+    """Every :class:`GroupedConv2d` back to a plain ``nn.Conv2d`` (same parameters), as research code has it."""
+    for module in model.modules():
+        if isinstance(module, GroupedConv2d):
+            module.__class__ = nn.Conv2d
+    return model
+
+
 def plain_network(op_set: OpSet, channels: int, layers: int, num_classes: int = 10, in_channels: int = 3,
                   nodes: int = 4) -> SearchNetwork:
-    return SearchNetwork(op_set, channels, layers, nodes, num_classes, in_channels, mixed_op=PlainMixedOp)
+    return native_convs(SearchNetwork(op_set, channels, layers, nodes, num_classes, in_channels,
+                                      mixed_op=PlainMixedOp))
 
 
 class PlainArchitect:
@@ -260,7 +269,8 @@ def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     images, labels = _synthetic(batch * (args["steps"] + 1), size)
     fmt = torch.channels_last if fast and args["channels_last"] else torch.contiguous_format
     base = _current_rss_mb()
-    model = EvalNetwork(PIBCONV, args["C"], args["layers"], 10, 3, auxiliary=True).to(device).to(memory_format=fmt)
+    model = EvalNetwork(PIBCONV, args["C"], args["layers"], 10, 3, auxiliary=True)
+    model = (model if fast else native_convs(model)).to(device).to(memory_format=fmt)
     model.drop_path_prob = 0.2
     model.train()
     opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
@@ -316,6 +326,8 @@ RUNNERS = {"search": run_search_bench, "eval": run_eval_bench, "data": run_data_
 
 def _child(kind: str, fast: bool, args: dict[str, Any], queue: mp.Queue) -> None:
     torch.set_num_threads(args["threads"])
+    if fast and args["keep_memory"] and args["device"] == "cpu":
+        keep_freed_memory()  # as run_search / run_eval do on CPU
     try:
         queue.put(("ok", RUNNERS[kind](fast, args)))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
@@ -357,6 +369,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     args = {"C": ns.C or d["C"], "layers": ns.layers or d["layers"], "batch": ns.batch or d["batch"],
             "size": ns.size, "steps": ns.steps, "order": ns.order, "device": ns.device,
             "channels_last": not ns.no_channels_last, "checkpoint_cells": ns.checkpoint_cells,
+            "keep_memory": not ns.no_keep_memory,
             "amp": ns.device == "cuda" and not ns.no_amp, "threads": ns.threads or torch.get_num_threads()}
     print(f"bench {ns.kind}: {args}", file=sys.stderr)
     result = bench(ns.kind, **args)
@@ -385,6 +398,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: all)")
     p.add_argument("--no-channels-last", action="store_true", help="fast side without channels_last")
     p.add_argument("--checkpoint-cells", action="store_true", help="fast side with per-cell checkpointing")
+    p.add_argument("--no-keep-memory", action="store_true",
+                   help="CPU: fast side with glibc's default malloc trimming (see nas.train.keep_freed_memory)")
     p.add_argument("--no-amp", action="store_true", help="CUDA: fast side in float32")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -114,6 +114,66 @@ class ActConvNorm(nn.Module):
         return self.op(x)
 
 
+class _DepthwiseThenGroupSum(torch.autograd.Function):
+    """A grouped conv computed as one depthwise conv (every input channel times each of its group's
+    output filters) followed by a sum over each group's inputs. Saves only the input and the weight, and
+    hands the depthwise backward a contiguous gradient in the input's memory format."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation, groups):  # noqa: ANN001 - autograd signature
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, groups)
+        y = F.conv2d(x, _depthwise_weight(weight, groups), None, stride, padding, dilation, x.shape[1])
+        n, _, h, w = y.shape
+        per_in = x.shape[1] // groups
+        per_out = weight.shape[0] // groups
+        out = y.view(n, groups, per_in, per_out, h, w).sum(2).view(n, groups * per_out, h, w)
+        return out.contiguous(memory_format=_memory_format_of(x))
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        per_in, per_out = x.shape[1] // groups, weight.shape[0] // groups
+        n, _, h, w = grad.shape
+        grad_y = (grad.reshape(n, groups, 1, per_out, h, w).expand(n, groups, per_in, per_out, h, w)
+                  .reshape(n, groups * per_in * per_out, h, w).contiguous(memory_format=_memory_format_of(x)))
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_y, x, _depthwise_weight(weight, groups), None, list(stride), list(padding), list(dilation),
+            False, [0, 0], x.shape[1], [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        if grad_w is not None:
+            k = weight.shape[2:]
+            grad_w = grad_w.view(groups, per_in, per_out, *k).transpose(1, 2).reshape(weight.shape)
+        return grad_x, grad_w, None, None, None, None
+
+
+def _depthwise_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """(G*b, a, k, k) grouped filters as (G*a*b, 1, k, k) depthwise ones, ordered input-channel-major."""
+    out_ch, per_in, *k = weight.shape
+    per_out = out_ch // groups
+    return weight.view(groups, per_out, per_in, *k).transpose(1, 2).reshape(groups * per_in * per_out, 1, *k)
+
+
+def _memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class GroupedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with groups, computed on CPU as a depthwise conv plus a per-group sum.
+
+    Same parameters and the same arithmetic; oneDNN's grouped kernels with a few input channels per group
+    (PIBConv's C_inv -> C conv) are several times slower than its depthwise ones, which made this conv
+    about 40 % of a search step on CPU. Other devices use the native kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.in_channels == self.groups or self.padding_mode != "zeros" \
+                or self.bias is not None or isinstance(self.padding, str):
+            return super().forward(x)
+        return _DepthwiseThenGroupSum.apply(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+
+
 def dil_conv(c: int, kernel_size: int, stride: int, dilation: int, affine: bool, options: OpOptions) -> nn.Sequential:
     """DARTS dilated separable conv: act -> dilated depthwise kxk -> 1x1 -> norm."""
     padding = dilation * (kernel_size - 1) // 2
@@ -165,7 +225,7 @@ def pib_conv(c: int, kernel_size: int, stride: int, affine: bool, options: OpOpt
         nn.Conv2d(c, c, kernel_size, stride=stride, padding=pad, groups=c, bias=False),
         make_norm(options.norm, c, affine),
         nn.Conv2d(c, c_inv, 1, bias=False),
-        nn.Conv2d(c_inv, c, kernel_size, padding=pad, groups=math.gcd(c_inv, c), bias=False),
+        GroupedConv2d(c_inv, c, kernel_size, padding=pad, groups=math.gcd(c_inv, c), bias=False),
         make_activation(options.activation),
         nn.Conv2d(c, c, 1, bias=False),
     )

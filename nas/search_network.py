@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from nas.genotypes import Genotype
-from nas.ops import POOLING, build_op, cell_layout, cell_preprocessing, stem
+from nas.ops import POOLING, build_op, cell_layout, cell_preprocessing, make_activation, stem
 from nas.opsets import OpSet
 
 
 class MixedOp(nn.Module):
     """sum_o w_o * o(x) over the op set. ``none`` contributes exactly zero, so it is not computed
-    (its weight still takes part in the softmax)."""
+    (its weight still takes part in the softmax). Ops that open with the op set's activation (dilated
+    convs, 7x1-1x7) share one act(x): computed once, and kept once for backward."""
 
     def __init__(self, op_set: OpSet, channels: int, stride: int) -> None:
         super().__init__()
@@ -27,11 +29,23 @@ class MixedOp(nn.Module):
                 op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
             ops.append(op)
         self.ops = nn.ModuleList(ops)
+        act = make_activation(op_set.options.activation)
+        opens_with_act = [isinstance(op, nn.Sequential) and len(op) > 1 and repr(op[0]) == repr(act) for op in ops]
+        self.shared_act = act if sum(opens_with_act) > 1 else None
+        # plain tuples, not registered twice: the modules stay owned (and named) by self.ops
+        self._tails = [tuple(op)[1:] if self.shared_act is not None and shared else None
+                       for op, shared in zip(ops, opens_with_act)]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``out + sum_o w_o * o(x)`` (``out`` lets a node accumulate all its edges in one tensor)."""
-        for i, op in zip(self.index, self.ops):
-            y = op(x)
+        activated = self.shared_act(x) if self.shared_act is not None else None
+        for i, op, tail in zip(self.index, self.ops, self._tails):
+            if tail is None:
+                y = op(x)
+            else:
+                y = activated
+                for module in tail:
+                    y = module(y)
             out = weights[i] * y if out is None else torch.addcmul(out, weights[i], y)
         return out
 
@@ -57,6 +71,27 @@ class SearchCell(nn.Module):
             offset += len(states)
             states.append(node)
         return torch.cat(states[2:], dim=1)
+
+
+def _checkpointed(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``cell(s0, s1, weights)`` without keeping its activations: backward recomputes them.
+
+    The recomputation runs with the tensors the cell holds now, which inside ``functional_call`` (the
+    unrolled and finite-difference passes) are the substituted weights, not the module's own. Buffers get
+    throwaway copies on recomputation, so BN's running statistics are updated once, as without
+    checkpointing.
+    """
+    params = dict(cell.named_parameters())
+    buffers = dict(cell.named_buffers())
+    calls = 0
+
+    def run(s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        state = buffers if calls == 1 else {n: b.clone() for n, b in buffers.items()}
+        return functional_call(cell, {**params, **state}, (s0, s1, weights))
+
+    return checkpoint(run, s0, s1, weights, use_reentrant=False)
 
 
 def num_edges(nodes: int) -> int:
@@ -107,7 +142,7 @@ class SearchNetwork(nn.Module):
         for cell in self.cells:
             weights = w_reduce if cell.reduction else w_normal
             if self.checkpoint_cells and torch.is_grad_enabled():
-                s0, s1 = s1, checkpoint(cell, s0, s1, weights, use_reentrant=False)
+                s0, s1 = s1, _checkpointed(cell, s0, s1, weights)
             else:
                 s0, s1 = s1, cell(s0, s1, weights)
         return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))

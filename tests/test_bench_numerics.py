@@ -15,7 +15,8 @@ from nas.opsets import OpSet
 from nas.search_network import SearchNetwork
 from nas.train import autocast_factory
 
-OPS = OpSet(("none", "skip_connect", "pib_conv_3x3", "dil_conv_3x3", "avg_pool_3x3", "max_pool_3x3"),
+# two ops that open with the activation (they share act(x) in the fast MixedOp) and PIBConv's grouped conv
+OPS = OpSet(("none", "skip_connect", "pib_conv_3x3", "dil_conv_3x3", "conv_7x1_1x7", "avg_pool_3x3", "max_pool_3x3"),
             OpOptions("gelu", "bn", 2.0))
 
 
@@ -93,6 +94,40 @@ def test_second_order_unchanged_by_cell_checkpointing():
         buffers = {n: torch.full_like(p, 0.01) for n, p in fast.named_weights().items()}
         grads.append(flat(architect.second_order_alpha_grads(fast, train, valid, 0.1, 0.9, 3e-4, buffers)))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_cell_checkpointing_updates_bn_statistics_once():
+    stats = []
+    for checkpoint_cells in (False, True):
+        fast, _, (train, valid) = twins(checkpoint_cells)
+        buffers = {n: torch.full_like(p, 0.01) for n, p in fast.named_weights().items()}
+        architect.second_order_alpha_grads(fast, train, valid, 0.1, 0.9, 3e-4, buffers)
+        F.cross_entropy(fast(train[0]), train[1]).backward()
+        stats.append({n: b.clone() for n, b in fast.named_buffers()})
+    assert stats[0].keys() == stats[1].keys()
+    for name in stats[0]:
+        torch.testing.assert_close(stats[1][name], stats[0][name], msg=name)
+
+
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    code = """
+import resource, torch
+from nas.train import keep_freed_memory
+def faults():
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        t = torch.ones(24 << 20); del t  # 96 MB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+before = faults()
+assert keep_freed_memory() is True
+faults()
+print(before, faults())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = map(int, out.stdout.split())
+    assert before > 4 * 20000  # glibc's default: every 96 MB block is mmapped and faulted in again
+    assert after < 1000
 
 
 def test_mixed_precision_is_a_switch_on_only_for_cuda():

@@ -71,3 +71,50 @@ def test_op_set_ids_are_stable_and_readable():
         resolve_op_set("nope")
     with pytest.raises(ConfigError, match="unknown primitive"):
         OpSet.from_dict({"primitives": ["none", "bogus"]})
+
+
+@pytest.mark.parametrize("c_in,c_out,groups", [(32, 16, 16), (40, 16, 8), (16, 32, 8)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
+def test_grouped_conv_cpu_path_equals_native_conv(c_in, c_out, groups, channels_last, stride, dilation):
+    """GroupedConv2d's depthwise-then-sum path computes nn.Conv2d's function and gradients, incl. double backward."""
+    from nas.ops import GroupedConv2d
+
+    torch.manual_seed(0)
+    conv = GroupedConv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups,
+                         bias=False).double()
+    native = torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups,
+                             bias=False).double()
+    native.load_state_dict(conv.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, c_in, 7, 7, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    y, y_ref = conv(x), native(x)
+    torch.testing.assert_close(y, y_ref)
+    assert y.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(y_ref)
+    for a, b in zip(torch.autograd.grad(y, (x, conv.weight), g), torch.autograd.grad(y_ref, (x, native.weight), g)):
+        torch.testing.assert_close(a, b)
+    # second order: the exact-hypergradient reference differentiates through weight gradients
+    gx = torch.autograd.grad(conv(x).pow(2).sum(), conv.weight, create_graph=True)[0]
+    gx_ref = torch.autograd.grad(native(x).pow(2).sum(), native.weight, create_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(gx.sum(), x)[0], torch.autograd.grad(gx_ref.sum(), x)[0])
+
+
+def test_mixed_op_computes_a_shared_activation_once():
+    from nas.search_network import MixedOp
+
+    op_set = OpSet(("none", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7", "pib_conv_3x3", "max_pool_3x3"),
+                   OpOptions("gelu", "bn", 2.0))
+    mixed = MixedOp(op_set, 4, 1)
+    assert isinstance(mixed.shared_act, torch.nn.GELU)
+    assert [t is not None for t in mixed._tails] == [True, True, True, False, False]
+    calls = []
+    for module in mixed.modules():
+        if isinstance(module, torch.nn.GELU):
+            module.register_forward_hook(lambda m, i, o: calls.append(m))
+    x = torch.randn(2, 4, 6, 6)
+    weights = torch.softmax(torch.randn(6), 0)
+    out = mixed(x, weights)
+    assert calls.count(mixed.shared_act) == 1 and len(calls) == 2  # shared one + pib_conv's inner GELU
+    expected = sum(weights[i] * op(x) for i, op in zip(mixed.index, mixed.ops))  # each op on its own
+    torch.testing.assert_close(out, expected)
