@@ -26,7 +26,7 @@ from nas import architect
 from nas.data import ImageData, make_batch
 from nas.eval_network import EvalNetwork
 from nas.genotypes import PIBCONV
-from nas.ops import POOLING, GroupedConv2d, build_op
+from nas.ops import POOLING, GroupedConv2d, StridedDilatedConv2d, build_op
 from nas.opsets import OP_SETS, OpSet
 from nas.search_network import SearchNetwork
 from nas.train import eval_loss, keep_freed_memory
@@ -55,9 +55,9 @@ class PlainMixedOp(nn.Module):
 
 
 def native_convs(model: nn.Module) -> nn.Module:
-    """Every :class:`GroupedConv2d` back to a plain ``nn.Conv2d`` (same parameters), as research code has it."""
+    """Every CPU-rewritten conv back to a plain ``nn.Conv2d`` (same parameters), as research code has it."""
     for module in model.modules():
-        if isinstance(module, GroupedConv2d):
+        if isinstance(module, (GroupedConv2d, StridedDilatedConv2d)):
             module.__class__ = nn.Conv2d
     return model
 

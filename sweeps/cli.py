@@ -50,7 +50,9 @@ def cmd_overhead(args: argparse.Namespace) -> int:
         print(f"{result['trials']} trials of ~{result['mean_trial_s']:.1f} s: in-process one after another "
               f"{result['sequential_s']:.1f} s, as a Ray Tune sweep {result['sweep_s']:.1f} s "
               f"(overhead {100 * result['overhead']:+.1f} %, Ray start-up included; checkpoint every "
-              f"{result['checkpoint_every']} epochs)")
+              f"{result['checkpoint_every']} epochs)\n"
+              f"  of which once per sweep (Ray and Tune start-up, first worker, shutdown): {result['fixed_s']:.1f} s; "
+              f"inside the trials: {100 * result['in_trial_overhead']:+.1f} %")
     return 0
 
 

@@ -118,3 +118,24 @@ def test_mixed_op_computes_a_shared_activation_once():
     assert calls.count(mixed.shared_act) == 1 and len(calls) == 2  # shared one + pib_conv's inner GELU
     expected = sum(weights[i] * op(x) for i, op in zip(mixed.index, mixed.ops))  # each op on its own
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("size", [8, 7])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_strided_dilated_conv_cpu_path_equals_native_conv(kernel_size, size, channels_last):
+    from nas.ops import StridedDilatedConv2d
+
+    torch.manual_seed(0)
+    conv = StridedDilatedConv2d(6, 6, kernel_size, stride=2, padding=kernel_size - 1, dilation=2, groups=6,
+                                bias=False).double()
+    native = torch.nn.Conv2d(6, 6, kernel_size, stride=2, padding=kernel_size - 1, dilation=2, groups=6,
+                             bias=False).double()
+    native.load_state_dict(conv.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 6, size, size, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    y, y_ref = conv(x), native(x)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y_ref)
+    for a, b in zip(torch.autograd.grad(y, (x, conv.weight), g), torch.autograd.grad(y_ref, (x, native.weight), g)):
+        torch.testing.assert_close(a, b)

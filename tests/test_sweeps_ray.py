@@ -116,3 +116,18 @@ def test_storage_uri_goes_through_pyarrow(tmp_path):
     assert resume_sweep(location, verbose=0) == location
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(parse_sweep(raw), storage=f"file://{tmp_path}/bucket", verbose=0)
+
+
+def test_overhead_command_reports_where_ray_time_goes():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "sweep", "overhead", "--trials", "1", "--epochs", "3",
+                           "--checkpoint-every", "1", "--json"], capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["trials"] == 1 and out["epochs"] == 3
+    assert out["sweep_s"] > out["fixed_s"] > 0  # Ray's start-up is never free
+    assert out["overhead"] == pytest.approx(out["sweep_s"] / out["sequential_s"] - 1)
+    in_trials = (1 + out["in_trial_overhead"]) * out["sequential_s"]
+    assert in_trials + out["fixed_s"] == pytest.approx(out["sweep_s"])
