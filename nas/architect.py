@@ -27,9 +27,8 @@ _UNUSED_OK = {"allow_unused": True, "materialize_grads": True}
 
 def _loss(model: SearchNetwork, x: torch.Tensor, y: torch.Tensor,
           weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    if weights is None:
-        return F.cross_entropy(model(x).float(), y)
-    return F.cross_entropy(functional_call(model, weights, (x,), strict=False).float(), y)
+    logits = model(x) if weights is None else functional_call(model, weights, (x,), strict=False)
+    return F.cross_entropy(logits.float(), y)
 
 
 def unrolled_weights(model: SearchNetwork, train: Batch, xi: float, momentum: float, weight_decay: float,

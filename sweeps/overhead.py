@@ -6,7 +6,6 @@ work with the same threads; the difference is Ray's start-up, scheduling, report
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -47,15 +46,13 @@ def measure_overhead(trials: int = 3, epochs: int = 75, cpus: int | None = None,
         import ray
 
         ray.shutdown()
-        in_trials = sum(_trial_seconds(path) for path in Path(storage).glob("overhead/eval/*/result.json"))
+        from analysis.frames import history_frame
+
+        # a trial's own wall time as Tune measured it: its last result's time_total_s
+        in_trials = float(history_frame(Path(storage, "overhead")).groupby("trial_id")["time_total_s"].max().sum())
     return {"trials": trials, "epochs": epochs, "cpus": cpus, "mean_trial_s": sum(per_trial) / trials,
             "checkpoint_every": checkpoint_every, "sequential_s": sequential, "sweep_s": swept,
             "overhead": swept / sequential - 1,
             # where it goes: once per sweep (Ray and Tune start-up, first worker) vs inside the trials
             "fixed_s": swept - in_trials, "in_trial_overhead": in_trials / sequential - 1}
 
-
-def _trial_seconds(result_json: Path) -> float:
-    """A trial's own wall time as Tune measured it (its last result's ``time_total_s``)."""
-    lines = result_json.read_text().strip().splitlines()
-    return float(json.loads(lines[-1])["time_total_s"]) if lines else 0.0
