@@ -59,14 +59,9 @@ def _ray_statuses(stage_dir: Path) -> dict[str, tuple[str, str, dict]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             analysis = ExperimentAnalysis(str(stage_dir))
-        out = {}
-        for t in analysis.trials:
-            message = ""
-            if t.status == "ERROR":
-                err = Path(t.local_path or "", "error.txt") if getattr(t, "local_path", None) else None
-                message = getattr(t, "error_message", None) or (err.read_text() if err and err.is_file() else "")
-            out[t.trial_id] = (t.status, message, dict(t.config))
-        return out
+        # not Trial.local_path: it asserts that Ray is running (the error text is read from error.txt instead)
+        return {t.trial_id: (t.status, (getattr(t, "error_message", None) or "") if t.status == "ERROR" else "",
+                             dict(t.config)) for t in analysis.trials}
     except Exception:  # noqa: BLE001 - a copied or partial folder: fall back to the files
         return {}
 
@@ -81,14 +76,16 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
     statuses = _ray_statuses(stage_dir)
     trials, history = [], []
     for trial_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir() and (p / "params.json").exists()):
+        folder_id = "_".join(trial_dir.name.rsplit("_", 2)[-2:])  # trial folders end in Ray's trial id
         try:
             params = json.loads((trial_dir / "params.json").read_text())
             results = _read_results(trial_dir / "result.json") if (trial_dir / "result.json").exists() else []
         except (json.JSONDecodeError, UnicodeDecodeError, OSError):
             skipped.append(str(trial_dir))
+            statuses.pop(folder_id, None)  # skipped, not listed again as never started
             continue
         last = results[-1] if results else {}
-        trial_id = last.get("trial_id") or trial_dir.name.rsplit("_", 1)[-1]
+        trial_id = last.get("trial_id") or folder_id
         ray_status, ray_error, _ = statuses.pop(trial_id, ("", "", {}))
         error_file = trial_dir / "error.txt"
         epochs_total = stage_epochs(stage, params.get("base", {}))
@@ -99,7 +96,7 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
         elif ray_status == "ERROR" or (not ray_status and error_file.exists()):
             status = "errored"
             error = _first_error_line(ray_error or (error_file.read_text() if error_file.exists() else ""))
-        elif last.get("epoch") == epochs_total and ray_status in ("TERMINATED", ""):
+        elif last.get("epoch") == epochs_total:  # every epoch reported (a killed driver's saved state lags)
             status, error = "finished", ""
         elif ray_status == "TERMINATED":  # stopped early by the scheduler
             status, error = "finished", "stopped early by the scheduler"

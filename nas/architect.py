@@ -5,14 +5,16 @@ Second order (DARTS eq. 7-8): with w' = w - xi * (momentum * buf + grad_w L_trai
     grad_a L_val(w', a) - xi * (grad_a L_train(w+, a) - grad_a L_train(w-, a)) / (2 eps),
     w+- = w +- eps * grad_w' L_val(w', a),  eps = 0.01 / ||grad_w' L_val(w', a)||.
 
-The unrolled step reuses the network through ``torch.func.functional_call`` (no model copy), and the two
-finite-difference passes ask autograd for alpha's gradient only.
+The unrolled and finite-difference passes run the network itself with the other weight values written into
+its parameters (no model copy, and none of ``functional_call``'s per-call reparametrisation: about 90 ms a
+pass on CPU), and the originals are restored exactly afterwards. The two finite-difference passes ask
+autograd for alpha's gradient only.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,27 +55,58 @@ def second_order_alpha_grads(model: SearchNetwork, train: Batch, valid: Batch, x
                              autocast: Callable[[], ContextManager] | None = None) -> list[torch.Tensor]:
     """DARTS' second-order approximation of d L_val(w*(a), a) / d a."""
     alphas = model.arch_parameters()
+    params = model.weights()
     with _context(autocast):
         w_prime = unrolled_weights(model, train, xi, momentum, weight_decay, momentum_buffers)
-        for t in w_prime.values():
-            t.requires_grad_(True)
-        grads = torch.autograd.grad(_loss(model, *valid, w_prime), alphas + list(w_prime.values()), **_UNUSED_OK)
-    d_alpha, v = grads[:len(alphas)], grads[len(alphas):]
-    eps = 0.01 / torch.cat([g.reshape(-1) for g in v]).norm()
-    named = model.named_weights()
-    with torch.no_grad():
-        w_plus = {n: w + eps * g for (n, w), g in zip(named.items(), v)}
-        w_minus = {n: w - eps * g for (n, w), g in zip(named.items(), v)}
-    with _context(autocast):
-        g_plus = torch.autograd.grad(_loss(model, *train, w_plus), alphas, **_UNUSED_OK)
-        g_minus = torch.autograd.grad(_loss(model, *train, w_minus), alphas, **_UNUSED_OK)
+    with _weights_restored(params) as w:
+        _load(params, w_prime.values())
+        with _context(autocast):
+            grads = torch.autograd.grad(_loss(model, *valid), alphas + params, **_UNUSED_OK)
+        d_alpha, v = grads[:len(alphas)], grads[len(alphas):]
+        eps = 0.01 / torch.cat([g.reshape(-1) for g in v]).norm()
+        finite_difference = []
+        for sign in (1.0, -1.0):
+            _load(params, (w_i + sign * eps * v_i for w_i, v_i in zip(w, v)))
+            with _context(autocast), _no_weight_grads(params):
+                finite_difference.append(torch.autograd.grad(_loss(model, *train), alphas, **_UNUSED_OK))
+    g_plus, g_minus = finite_difference
     return [da - xi * (gp - gm) / (2 * eps) for da, gp, gm in zip(d_alpha, g_plus, g_minus)]
+
+
+@contextlib.contextmanager
+def _weights_restored(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Yields a copy of ``params``' values and writes it back, bit for bit, when the block ends."""
+    with torch.no_grad():
+        saved = [p.clone() for p in params]
+    try:
+        yield saved
+    finally:
+        _load(params, saved)
+
+
+@contextlib.contextmanager
+def _no_weight_grads(params: list[torch.Tensor]) -> Iterator[None]:
+    """Weights that do not require grad for the block: custom autograd Functions (``nas.ops``) then skip
+    their weight gradients, which they would compute whenever a weight requires grad."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _load(params: list[torch.Tensor], values: Iterable[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
 
 
 def first_order_alpha_grads(model: SearchNetwork, valid: Batch,
                             autocast: Callable[[], ContextManager] | None = None) -> list[torch.Tensor]:
     """grad_a L_val(w, a): DARTS' first-order approximation (xi = 0)."""
-    with _context(autocast):
+    with _context(autocast), _no_weight_grads(model.weights()):
         return list(torch.autograd.grad(_loss(model, *valid), model.arch_parameters(), **_UNUSED_OK))
 
 

@@ -41,12 +41,12 @@ def _complexity(genotype: Genotype, layers: int, channels: int, num_classes: int
     from ptflops import get_model_complexity_info
     from ptflops.pytorch_ops import conv_flops_counter_hook
 
-    from nas.ops import GroupedConv2d, StridedDilatedConv2d
+    from nas.ops import DepthwiseConv2d, GroupedConv2d
 
     model = EvalNetwork(genotype, channels, layers, num_classes, in_channels, auxiliary=False).eval()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         macs, _ = get_model_complexity_info(model, (in_channels, image_size, image_size), as_strings=False,
                                             print_per_layer_stat=False, verbose=False, backend="pytorch",
                                             custom_modules_hooks={GroupedConv2d: conv_flops_counter_hook,
-                                                                  StridedDilatedConv2d: conv_flops_counter_hook})
+                                                                  DepthwiseConv2d: conv_flops_counter_hook})
     return Complexity(params_m=count_params_m(model), gmac=float(macs) / 1e9)

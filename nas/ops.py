@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,8 +52,67 @@ class LayerNorm2d(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class _BatchNormSavingOutput(torch.autograd.Function):
+    """Training-mode batch norm without affine parameters that keeps its *output* for backward.
+
+    Without gamma and beta the output is x_hat itself, and BN's backward needs only x_hat and 1/std:
+    grad_x = (g - mean(g) - x_hat * mean(g * x_hat)) / std. The next op (a conv, or the mixed op's
+    weighted sum) keeps the output anyway, so BN's input no longer has to be kept. 1/std is a second
+    output so that double backward (the exact-hypergradient reference) sees it depend on x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, momentum, eps):  # noqa: ANN001 - autograd signature
+        y, _, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True, momentum,
+                                                        eps)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(y, invstd)
+        ctx.eps = eps
+        return y, invstd
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_invstd):  # noqa: ANN001
+        y, invstd = ctx.saved_tensors
+        per_channel = (1, -1, 1, 1)
+        if grad_y is None:
+            grad_x = torch.zeros_like(y)
+        elif torch.is_grad_enabled():  # create_graph: the same formula in differentiable ops
+            dims = (0, 2, 3)
+            centred = grad_y - grad_y.mean(dims, keepdim=True) - y * (grad_y * y).mean(dims, keepdim=True)
+            grad_x = centred * invstd.view(per_channel)
+        else:  # ATen's kernel, given x_hat as the input (mean 0, 1/std 1) and 1/std as the weight
+            ones = torch.ones_like(invstd)
+            grad_x = torch.ops.aten.native_batch_norm_backward(grad_y, y, invstd, None, None, torch.zeros_like(invstd),
+                                                               ones, True, ctx.eps, [True, False, False])[0]
+        if grad_invstd is not None:  # d(1/std)/dx = -x_hat / (std^2 * n)
+            n = y.numel() // y.shape[1]
+            grad_x = grad_x - (grad_invstd * invstd.pow(2) / n).view(per_channel) * y
+        return grad_x, None, None, None, None
+
+
+class LeanBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d(affine=False)`` that, in training, keeps its output rather than its input for
+    backward (:class:`_BatchNormSavingOutput`): one activation less per norm in the search network,
+    whose mixed ops all end in, or feed a conv from, such a norm. Same state_dict, statistics and
+    results; eval mode, affine norms and reduced precision use ``nn.BatchNorm2d`` itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()) or self.affine or x.dim() != 4 \
+                or x.dtype not in (torch.float32, torch.float64):
+            return super().forward(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does it
+                momentum = 1.0 / float(self.num_batches_tracked)
+        running_mean, running_var = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        return _BatchNormSavingOutput.apply(x, running_mean, running_var, momentum, self.eps)[0]
+
+
 def make_norm(kind: str, channels: int, affine: bool) -> nn.Module:
-    return nn.BatchNorm2d(channels, affine=affine) if kind == "bn" else LayerNorm2d(channels, affine=affine)
+    if kind == "ln":
+        return LayerNorm2d(channels, affine=affine)
+    return nn.BatchNorm2d(channels) if affine else LeanBatchNorm2d(channels, affine=False)
 
 
 def make_activation(kind: str) -> nn.Module:
@@ -114,10 +173,61 @@ class ActConvNorm(nn.Module):
         return self.op(x)
 
 
+def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                          padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """The gradient for a depthwise conv's weight ``(C, 1, kh, kw)``, computed as a depthwise conv *forward*.
+
+    dW[c, i, j] = sum_{n,h,w} grad[n, c, h, w] * x_pad[n, c, d*i + s*h, d*j + s*w]: every (n, c) image of
+    ``x`` correlated with its own ``grad`` image as the kernel (stride and dilation swap roles), then summed
+    over n. oneDNN's forward kernels run this 2-4x faster on CPU than its depthwise weight-gradient kernel
+    does for 5x5 and 7x7 filters (``dartsweep bench search``); 3x3 keeps oneDNN's own (it is fast there).
+    Differentiable, so double backward (the exact-hypergradient reference) works through it.
+    """
+    n, c, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    if kh * kw <= 9:
+        return torch.ops.aten.convolution_backward(grad, x, weight, None, list(stride), list(padding), list(dilation),
+                                                   False, [0, 0], c, [False, True, False])[1]
+    ho, wo = grad.shape[2:]
+    out = F.conv2d(x.contiguous().view(1, n * c, h, w), grad.contiguous().view(n * c, 1, ho, wo), None,
+                   tuple(dilation), tuple(padding), tuple(stride), n * c)
+    return out[:, :, :kh, :kw].reshape(n, c, kh, kw).sum(0).unsqueeze(1)
+
+
+def _depthwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], needs_input_grad: bool,
+                        needs_weight_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    grad_x = grad_w = None
+    if needs_input_grad:
+        grad_x = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], x.shape[1],
+            [True, False, False])[0]
+    if needs_weight_grad:
+        grad_w = depthwise_weight_grad(x, grad, weight, stride, padding, dilation)
+    return grad_x, grad_w
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """A depthwise conv whose weight gradient comes from :func:`depthwise_weight_grad`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation):  # noqa: ANN001 - autograd signature
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation)
+        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=_memory_format_of(x))
+        return (*_depthwise_backward(grad, x, weight, *ctx.conf, ctx.needs_input_grad[0], ctx.needs_input_grad[1]),
+                None, None, None)
+
+
 class _DepthwiseThenGroupSum(torch.autograd.Function):
     """A grouped conv computed as one depthwise conv (every input channel times each of its group's
     output filters) followed by a sum over each group's inputs. Saves only the input and the weight, and
-    hands the depthwise backward a contiguous gradient in the input's memory format."""
+    hands the depthwise backward a contiguous gradient in the input's memory format, written in one copy."""
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding, dilation, groups):  # noqa: ANN001 - autograd signature
@@ -127,8 +237,11 @@ class _DepthwiseThenGroupSum(torch.autograd.Function):
         n, _, h, w = y.shape
         per_in = x.shape[1] // groups
         per_out = weight.shape[0] // groups
-        out = y.view(n, groups, per_in, per_out, h, w).sum(2).view(n, groups * per_out, h, w)
-        return out.contiguous(memory_format=_memory_format_of(x))
+        parts = y.view(n, groups, per_in, per_out, h, w).unbind(2)
+        out = parts[0] if per_in == 1 else torch.add(parts[0], parts[1])
+        for part in parts[2:]:  # adding the strided views is ~10x faster than .sum(2) in channels_last
+            out = out.add_(part)
+        return out.reshape(n, groups * per_out, h, w).contiguous(memory_format=_memory_format_of(x))
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
@@ -136,11 +249,12 @@ class _DepthwiseThenGroupSum(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conf
         per_in, per_out = x.shape[1] // groups, weight.shape[0] // groups
         n, _, h, w = grad.shape
-        grad_y = (grad.reshape(n, groups, 1, per_out, h, w).expand(n, groups, per_in, per_out, h, w)
-                  .reshape(n, groups * per_in * per_out, h, w).contiguous(memory_format=_memory_format_of(x)))
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_y, x, _depthwise_weight(weight, groups), None, list(stride), list(padding), list(dilation),
-            False, [0, 0], x.shape[1], [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        grad_y = torch.empty(n, groups * per_in * per_out, h, w, dtype=grad.dtype, device=grad.device,
+                             memory_format=_memory_format_of(x))
+        grad_y.view(n, groups, per_in, per_out, h, w).copy_(
+            grad.reshape(n, groups, 1, per_out, h, w).expand(n, groups, per_in, per_out, h, w))
+        grad_x, grad_w = _depthwise_backward(grad_y, x, _depthwise_weight(weight, groups), stride, padding, dilation,
+                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if grad_w is not None:
             k = weight.shape[2:]
             grad_w = grad_w.view(groups, per_in, per_out, *k).transpose(1, 2).reshape(weight.shape)
@@ -174,21 +288,30 @@ class GroupedConv2d(nn.Conv2d):
         return _DepthwiseThenGroupSum.apply(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
 
 
-class StridedDilatedConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with stride 2 and dilation 2 (DARTS' dil_conv in reduction cells), computed on CPU
-    as an undilated conv on the even pixels: every output pixel only reads even rows and columns.
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with ``groups == in_channels == out_channels``, with two CPU rewrites of the same
+    arithmetic:
 
-    The same arithmetic on a quarter of the input; oneDNN's backward for the strided dilated form is
-    about 5x slower at DARTS' sizes. Other devices and configurations use the native kernel.
+    - the weight gradient comes from :func:`depthwise_weight_grad` (a forward conv; oneDNN's depthwise
+      weight-gradient kernel was the largest single cost of a CPU search step);
+    - stride 2 with dilation 2 (DARTS' dil_conv in reduction cells) runs undilated on the even pixels:
+      every output pixel only reads even rows and columns, and oneDNN's backward for the strided dilated
+      form is about 5x slower at DARTS' sizes.
+
+    Other devices, and configurations these do not cover, use the native kernel.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.kernel_size
-        fits = (self.stride == (2, 2) and self.dilation == (2, 2) and self.padding == (k[0] - 1, k[1] - 1)
-                and k[0] % 2 == 1 and k[1] % 2 == 1 and self.padding_mode == "zeros")
-        if x.device.type != "cpu" or not fits:
+        if x.device.type != "cpu" or self.bias is not None or self.padding_mode != "zeros" \
+                or isinstance(self.padding, str) or not self.in_channels == self.out_channels == self.groups:
             return super().forward(x)
-        return F.conv2d(x[:, :, ::2, ::2], self.weight, self.bias, 1, (k[0] // 2, k[1] // 2), 1, self.groups)
+        k = self.kernel_size
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        if (stride == (2, 2) and dilation == (2, 2) and padding == (k[0] - 1, k[1] - 1)
+                and k[0] % 2 == 1 and k[1] % 2 == 1):
+            x = x[:, :, ::2, ::2].contiguous(memory_format=_memory_format_of(x))
+            stride, padding, dilation = (1, 1), (k[0] // 2, k[1] // 2), (1, 1)
+        return _DepthwiseConv.apply(x, self.weight, stride, padding, dilation)
 
 
 def dil_conv(c: int, kernel_size: int, stride: int, dilation: int, affine: bool, options: OpOptions) -> nn.Sequential:
@@ -196,8 +319,7 @@ def dil_conv(c: int, kernel_size: int, stride: int, dilation: int, affine: bool,
     padding = dilation * (kernel_size - 1) // 2
     return nn.Sequential(
         make_activation(options.activation),
-        StridedDilatedConv2d(c, c, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=c,
-                             bias=False),
+        DepthwiseConv2d(c, c, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=c, bias=False),
         nn.Conv2d(c, c, 1, bias=False),
         make_norm(options.norm, c, affine),
     )
@@ -224,7 +346,7 @@ def convnext_block(c: int, kernel_size: int, stride: int, affine: bool, options:
     """ConvNeXt inverted bottleneck (paper Fig. 2b): dw kxk -> norm -> 1x1 C->F*C -> act -> 1x1 F*C->C."""
     c_inv = bottleneck_channels(c, options.bottleneck_ratio)
     return nn.Sequential(
-        nn.Conv2d(c, c, kernel_size, stride=stride, padding=kernel_size // 2, groups=c, bias=False),
+        DepthwiseConv2d(c, c, kernel_size, stride=stride, padding=kernel_size // 2, groups=c, bias=False),
         make_norm(options.norm, c, affine),
         nn.Conv2d(c, c_inv, 1, bias=False),
         make_activation(options.activation),
@@ -240,7 +362,7 @@ def pib_conv(c: int, kernel_size: int, stride: int, affine: bool, options: OpOpt
     c_inv = bottleneck_channels(c, options.bottleneck_ratio)
     pad = kernel_size // 2
     return nn.Sequential(
-        nn.Conv2d(c, c, kernel_size, stride=stride, padding=pad, groups=c, bias=False),
+        DepthwiseConv2d(c, c, kernel_size, stride=stride, padding=pad, groups=c, bias=False),
         make_norm(options.norm, c, affine),
         nn.Conv2d(c, c_inv, 1, bias=False),
         GroupedConv2d(c_inv, c, kernel_size, padding=pad, groups=math.gcd(c_inv, c), bias=False),

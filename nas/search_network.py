@@ -9,7 +9,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from nas.genotypes import Genotype
-from nas.ops import POOLING, build_op, cell_layout, cell_preprocessing, make_activation, stem
+from nas.ops import POOLING, build_op, cell_layout, cell_preprocessing, make_activation, make_norm, stem
 from nas.opsets import OpSet
 
 
@@ -26,7 +26,7 @@ class MixedOp(nn.Module):
             name = op_set.primitives[i]
             op = build_op(name, channels, stride, False, op_set.options)
             if name in POOLING:  # DARTS normalises pooling outputs in the search network
-                op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
+                op = nn.Sequential(op, make_norm("bn", channels, affine=False))
             ops.append(op)
         self.ops = nn.ModuleList(ops)
         act = make_activation(op_set.options.activation)

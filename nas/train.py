@@ -219,7 +219,7 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
                 logits = model(train[0]).float()
             loss = F.cross_entropy(logits, train[1])
             _check_finite(loss, epoch, step)
-            loss.backward()
+            loss.backward(inputs=model.weights())  # alpha's gradient is not needed here
             nn.utils.clip_grad_norm_(model.weights(), config.grad_clip)
             optimizer.step()
             n = len(train[1])

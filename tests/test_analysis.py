@@ -75,6 +75,9 @@ def mixed_sweep(tmp_path_factory):
 def test_frames_flag_errored_and_unfinished(mixed_sweep):
     trials, history = load_frames(mixed_sweep)
     assert list(trials.columns) == TRIAL_COLUMNS
+    # every trial of the 2 x 2 x 3 grid once, under Ray's id, started or not (read without a running Ray)
+    assert len(trials) == 12 and trials.trial_id.is_unique
+    assert trials.trial_id.str.fullmatch(r"[0-9a-f]+_\d{5}").all(), trials.trial_id.tolist()
     statuses = set(trials.status)
     assert {"finished", "errored", "unfinished"} <= statuses, trials[["trial_id", "status", "epochs_done"]]
     errored = trials[trials.status == "errored"]

@@ -120,22 +120,67 @@ def test_mixed_op_computes_a_shared_activation_once():
     torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("kernel_size", [3, 5, 7])
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2), (2, 2)])
 @pytest.mark.parametrize("size", [8, 7])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_strided_dilated_conv_cpu_path_equals_native_conv(kernel_size, size, channels_last):
-    from nas.ops import StridedDilatedConv2d
+def test_depthwise_conv_cpu_path_equals_native_conv(kernel_size, stride, dilation, size, channels_last):
+    """DepthwiseConv2d's CPU path (weight gradient as a forward conv; stride 2 + dilation 2 on the even
+    pixels) computes nn.Conv2d's function and gradients, incl. double backward."""
+    from nas.ops import DepthwiseConv2d
 
     torch.manual_seed(0)
-    conv = StridedDilatedConv2d(6, 6, kernel_size, stride=2, padding=kernel_size - 1, dilation=2, groups=6,
-                                bias=False).double()
-    native = torch.nn.Conv2d(6, 6, kernel_size, stride=2, padding=kernel_size - 1, dilation=2, groups=6,
+    padding = dilation * (kernel_size - 1) // 2
+    conv = DepthwiseConv2d(6, 6, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=6,
+                           bias=False).double()
+    native = torch.nn.Conv2d(6, 6, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=6,
                              bias=False).double()
     native.load_state_dict(conv.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 6, size, size, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    x = torch.randn(3, 6, size, size, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
     y, y_ref = conv(x), native(x)
     torch.testing.assert_close(y, y_ref)
     g = torch.randn_like(y_ref)
     for a, b in zip(torch.autograd.grad(y, (x, conv.weight), g), torch.autograd.grad(y_ref, (x, native.weight), g)):
         torch.testing.assert_close(a, b)
+    gw = torch.autograd.grad(conv(x).pow(2).sum(), conv.weight, create_graph=True)[0]
+    gw_ref = torch.autograd.grad(native(x).pow(2).sum(), native.weight, create_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(gw.pow(2).sum(), x)[0],
+                               torch.autograd.grad(gw_ref.pow(2).sum(), x)[0])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_lean_batch_norm_equals_native_and_keeps_only_its_output(channels_last, momentum):
+    from nas.ops import LeanBatchNorm2d, make_norm
+
+    assert type(make_norm("bn", 5, affine=False)) is LeanBatchNorm2d
+    assert type(make_norm("bn", 5, affine=True)) is torch.nn.BatchNorm2d
+    torch.manual_seed(0)
+    lean = LeanBatchNorm2d(5, affine=False, momentum=momentum).double()
+    native = torch.nn.BatchNorm2d(5, affine=False, momentum=momentum).double()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for _ in range(2):  # two steps: running statistics (and the cumulative average) move
+        x = (3 * torch.randn(4, 5, 6, 7, dtype=torch.float64) + 1).to(memory_format=fmt).requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = lean(x)
+        y_ref = native(x)
+        torch.testing.assert_close(y, y_ref)
+        assert all(t.data_ptr() != x.data_ptr() for t in saved)  # the input is not kept
+        assert any(t.data_ptr() == y.data_ptr() for t in saved)  # the output is
+        g = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0])
+        for name, buffer in native.state_dict().items():
+            torch.testing.assert_close(lean.state_dict()[name], buffer)
+    lean.eval()
+    native.eval()
+    torch.testing.assert_close(lean(x), native(x))
+    # double backward (the exact-hypergradient reference differentiates through BN's backward)
+    lean.train()
+    native.train()
+    x = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    gx = torch.autograd.grad(lean(x).pow(3).sum(), x, create_graph=True)[0]
+    gx_ref = torch.autograd.grad(native(x).pow(3).sum(), x, create_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(gx.pow(2).sum(), x)[0], torch.autograd.grad(gx_ref.pow(2).sum(), x)[0])
+    torch.autograd.gradgradcheck(lambda t: lean(t).pow(3), (x,))
