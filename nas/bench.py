@@ -351,13 +351,29 @@ def measure(kind: str, fast: bool, args: dict[str, Any]) -> dict[str, float]:
     return payload
 
 
-def bench(kind: str, **args: Any) -> dict[str, Any]:
-    """{'fast', 'plain', 'speedup', 'memory_ratio', 'config'} for ``kind`` in search | eval | data."""
-    fast = measure(kind, True, args)
-    plain = measure(kind, False, args)
-    return {"fast": fast, "plain": plain, "speedup": fast["images_per_s"] / plain["images_per_s"],
-            "memory_ratio": (fast["step_memory_mb"] / plain["step_memory_mb"]) if plain["step_memory_mb"] else None,
-            "config": {"kind": kind, **args}}
+def bench(kind: str, repeats: int = 1, **args: Any) -> dict[str, Any]:
+    """{'fast', 'plain', 'speedup', 'memory_ratio', 'config', 'rounds'} for ``kind`` in search | eval | data.
+
+    With ``repeats`` > 1 the two sides alternate (fast, plain, fast, plain, ...) and every figure is the
+    median over the rounds, the speedup the median of each round's own ratio: on a shared machine whose
+    speed drifts, a ratio taken within one round is the steadier figure.
+    """
+    rounds = []
+    for _ in range(repeats):
+        fast, plain = measure(kind, True, args), measure(kind, False, args)
+        rounds.append({"fast": fast, "plain": plain, "speedup": fast["images_per_s"] / plain["images_per_s"],
+                       "memory_ratio": fast["step_memory_mb"] / plain["step_memory_mb"]
+                       if plain["step_memory_mb"] else None})
+
+    def median(values: list[float]) -> float:
+        return float(np.median(values))
+
+    sides = {side: {key: median([r[side][key] for r in rounds]) for key in rounds[0][side]}
+             for side in ("fast", "plain")}
+    ratios = [r["memory_ratio"] for r in rounds if r["memory_ratio"] is not None]
+    return {**sides, "speedup": median([r["speedup"] for r in rounds]),
+            "memory_ratio": median(ratios) if ratios else None, "config": {"kind": kind, **args},
+            "rounds": rounds}
 
 
 DEFAULTS = {"search": {"C": 16, "layers": 5, "batch": 16}, "eval": {"C": 36, "layers": 10, "batch": 32},
@@ -375,8 +391,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             "channels_last": not ns.no_channels_last, "checkpoint_cells": ns.checkpoint_cells,
             "keep_memory": not ns.no_keep_memory,
             "amp": ns.device == "cuda" and not ns.no_amp, "threads": ns.threads or torch.get_num_threads()}
-    print(f"bench {ns.kind}: {args}", file=sys.stderr)
-    result = bench(ns.kind, **args)
+    if ns.repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {ns.repeats}")
+    print(f"bench {ns.kind}: {args}, {ns.repeats} round(s)", file=sys.stderr)
+    result = bench(ns.kind, ns.repeats, **args)
     if ns.json:
         print(json.dumps(result))
         return 0
@@ -385,7 +403,11 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         print(f"{side:>5}: {r['images_per_s']:9.1f} images/s  {r['step_s'] * 1e3:8.1f} ms/step  "
               f"peak {r['peak_memory_mb']:8.1f} MB  (step {r['step_memory_mb']:.1f} MB)")
     mem = f"{result['memory_ratio']:.2f}x" if result["memory_ratio"] is not None else "n/a"
-    print(f"speedup {result['speedup']:.2f}x   memory ratio (fast/plain) {mem}")
+    if ns.repeats > 1:
+        per_round = ", ".join(f"{r['speedup']:.2f}x" for r in result["rounds"])
+        print(f"per round: speedup {per_round}")
+    print(f"speedup {result['speedup']:.2f}x   memory ratio (fast/plain) {mem}"
+          + ("   (medians)" if ns.repeats > 1 else ""))
     return 0
 
 
@@ -398,6 +420,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, help="batch size (search 16, eval 32)")
     p.add_argument("--size", type=int, default=32, help="image size (default 32)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="alternate fast and plain this many rounds; report medians (steadier on a shared machine)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch threads (default: all)")
     p.add_argument("--no-channels-last", action="store_true", help="fast side without channels_last")

@@ -76,9 +76,9 @@ class SearchCell(nn.Module):
 def _checkpointed(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``cell(s0, s1, weights)`` without keeping its activations: backward recomputes them.
 
-    The recomputation runs with the tensors the cell holds now, which inside ``functional_call`` (the
-    unrolled and finite-difference passes) are the substituted weights, not the module's own. Buffers get
-    throwaway copies on recomputation, so BN's running statistics are updated once, as without
+    The recomputation runs with the tensors the cell held in the forward pass: inside ``functional_call``
+    (the exact-hypergradient reference) those are the substituted weights, not the module's own. Buffers
+    get throwaway copies on recomputation, so BN's running statistics are updated once, as without
     checkpointing.
     """
     params = dict(cell.named_parameters())

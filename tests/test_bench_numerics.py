@@ -158,3 +158,19 @@ def test_bench_cli_json_smoke():
     assert set(out) >= {"fast", "plain", "speedup", "memory_ratio"}
     assert out["fast"]["images_per_s"] > 0 and out["plain"]["images_per_s"] > 0
     assert out["speedup"] == pytest.approx(out["fast"]["images_per_s"] / out["plain"]["images_per_s"])
+
+
+def test_bench_repeats_alternate_sides_and_report_medians():
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "data", "--batch", "8", "--repeats", "3",
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    rounds = out["rounds"]
+    assert len(rounds) == 3
+    for r in rounds:
+        assert r["speedup"] == pytest.approx(r["fast"]["images_per_s"] / r["plain"]["images_per_s"])
+    assert out["speedup"] == pytest.approx(sorted(r["speedup"] for r in rounds)[1])
+    assert out["fast"]["images_per_s"] == pytest.approx(sorted(r["fast"]["images_per_s"] for r in rounds)[1])
+    bad = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "data", "--repeats", "0"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--repeats must be at least 1" in bad.stderr
