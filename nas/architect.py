@@ -65,10 +65,11 @@ def second_order_alpha_grads(model: SearchNetwork, train: Batch, valid: Batch, x
         d_alpha, v = grads[:len(alphas)], grads[len(alphas):]
         eps = 0.01 / torch.cat([g.reshape(-1) for g in v]).norm()
         finite_difference = []
-        for sign in (1.0, -1.0):
-            _load(params, (w_i + sign * eps * v_i for w_i, v_i in zip(w, v)))
-            with _context(autocast), _no_weight_grads(params):
-                finite_difference.append(torch.autograd.grad(_loss(model, *train), alphas, **_UNUSED_OK))
+        with _no_weight_grads(params):
+            for sign in (1.0, -1.0):
+                _load(params, (w_i + sign * eps * v_i for w_i, v_i in zip(w, v)))
+                with _context(autocast):
+                    finite_difference.append(torch.autograd.grad(_loss(model, *train), alphas, **_UNUSED_OK))
     g_plus, g_minus = finite_difference
     return [da - xi * (gp - gm) / (2 * eps) for da, gp, gm in zip(d_alpha, g_plus, g_minus)]
 
@@ -88,13 +89,14 @@ def _weights_restored(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]
 def _no_weight_grads(params: list[torch.Tensor]) -> Iterator[None]:
     """Weights that do not require grad for the block: custom autograd Functions (``nas.ops``) then skip
     their weight gradients, which they would compute whenever a weight requires grad."""
+    flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     try:
         yield
     finally:
-        for p in params:
-            p.requires_grad_(True)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def _load(params: list[torch.Tensor], values: Iterable[torch.Tensor]) -> None:

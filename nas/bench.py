@@ -68,7 +68,7 @@ def native_modules(model: nn.Module) -> nn.Module:
 def plain_network(op_set: OpSet, channels: int, layers: int, num_classes: int = 10, in_channels: int = 3,
                   nodes: int = 4) -> SearchNetwork:
     return native_modules(SearchNetwork(op_set, channels, layers, nodes, num_classes, in_channels,
-                                      mixed_op=PlainMixedOp))
+                                        mixed_op=PlainMixedOp))
 
 
 class PlainArchitect:
