@@ -21,6 +21,8 @@ trial_dir           the trial's folder
 ==================  =====================================================================================
 
 ``history_frame(dir)``: one row per (trial, epoch) with every scalar metric reported.
+
+``trial_history(trial_dir)``: one trial's reported epochs as dicts (what both frames are built from).
 """
 
 from __future__ import annotations
@@ -41,14 +43,47 @@ TRIAL_COLUMNS = ["stage", "trial_id", "status", "ray_status", "op_set", "F", "ge
                  "trial_dir"]
 
 
-def _read_results(path: Path) -> list[dict[str, Any]]:
-    """result.json (JSON lines), deduplicated by epoch keeping the last (a lost checkpoint repeats epochs)."""
-    rows: dict[Any, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row.get("epoch", row.get("training_iteration"))] = row
-    return [rows[k] for k in sorted(rows, key=lambda v: (v is None, v))]
+def _epoch(row: dict[str, Any]) -> Any:
+    return row.get("epoch", row.get("training_iteration"))
+
+
+def trial_history(trial_dir: str | Path) -> list[dict[str, Any]]:
+    """Every epoch a trial reported on the line that led to its latest result, in order.
+
+    result.json (JSON lines) is read in the order written; a report whose epoch is not past the one
+    before starts a new attempt (a restore from a checkpoint), so the earlier attempt's reports from
+    that epoch on are dropped. Epochs result.json lacks (Ray can lose them when a trial restarts, or
+    a killed driver can leave it truncated) are filled from the history saved in the newest
+    checkpoint, up to the last epoch result.json holds.
+    """
+    trial_dir = Path(trial_dir)
+    rows: list[dict[str, Any]] = []
+    results = trial_dir / "result.json"
+    text = results.read_text() if results.exists() else ""
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()  # a report Ray is writing right now (a live sweep): not corrupt, just not there yet
+    for line in lines:
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        while rows and _epoch(row) is not None and _epoch(rows[-1]) is not None and _epoch(rows[-1]) >= _epoch(row):
+            rows.pop()
+        rows.append(row)
+    saved = sorted(trial_dir.glob("checkpoint_*/history.json"), key=lambda p: p.stat().st_mtime)
+    if not saved:
+        return rows
+    try:
+        saved_rows = [r for r in json.loads(saved[-1].read_text()) if isinstance(r, dict)]
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return rows  # a damaged checkpoint history adds nothing; result.json still counts
+    have = {_epoch(r) for r in rows}
+    last = max((e for e in have if e is not None), default=math.inf)
+    lost = [r for r in saved_rows if r.get("epoch") not in have and r.get("epoch", 0) <= last]
+    return sorted(rows + lost, key=lambda r: (_epoch(r) is None, _epoch(r) or 0)) if lost else rows
 
 
 def _ray_statuses(stage_dir: Path) -> dict[str, tuple[str, str, dict]]:
@@ -79,7 +114,7 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
         folder_id = "_".join(trial_dir.name.rsplit("_", 2)[-2:])  # trial folders end in Ray's trial id
         try:
             params = json.loads((trial_dir / "params.json").read_text())
-            results = _read_results(trial_dir / "result.json") if (trial_dir / "result.json").exists() else []
+            results = trial_history(trial_dir)
         except (json.JSONDecodeError, UnicodeDecodeError, OSError):
             skipped.append(str(trial_dir))
             statuses.pop(folder_id, None)  # skipped, not listed again as never started
@@ -91,6 +126,7 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
         epochs_total = stage_epochs(stage, params.get("base", {}))
         metric = "valid_acc" if stage == "search" else "test_acc"
         accs = [r[metric] for r in results if isinstance(r.get(metric), (int, float))]
+        epochs_done = max((int(r.get("epoch") or 0) for r in results if not r.get("diverged")), default=0)
         if last.get("diverged"):
             status, error = "diverged", last.get("error", "diverged")
         elif ray_status == "ERROR" or (not ray_status and error_file.exists()):
@@ -111,7 +147,7 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
             "stage": stage, "trial_id": trial_id, "status": status, "ray_status": ray_status,
             "op_set": last.get("op_set", params.get("op_set")), "F": _num(last.get("F", params.get("F"))),
             "genotype_id": genotype or params.get("genotype"), "layers": _num(last.get("layers", params.get("layers"))),
-            "seed": _num(last.get("seed", params.get("seed"))), "epochs_done": int(last.get("epoch", 0) or 0),
+            "seed": _num(last.get("seed", params.get("seed"))), "epochs_done": epochs_done,
             "epochs_total": epochs_total, "final_acc": accs[-1] if accs else math.nan,
             "best_acc": max(accs) if accs else math.nan, "params_m": _num(last.get("params_m")),
             "gmac": _num(last.get("gmac")), "wall_time_s": sum(r.get("epoch_time_s", 0.0) or 0.0 for r in results),

@@ -3,7 +3,6 @@ Pareto front (Fig. 3b), alpha evolution (Fig. 3a), search accuracy vs epoch (Fig
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from analysis.frames import trial_history  # noqa: E402
 from analysis.pareto import layer_curves, pareto_mask  # noqa: E402
 from nas.genotypes import Genotype  # noqa: E402
 
@@ -96,13 +96,8 @@ def accuracy_vs_cost(trials: pd.DataFrame, out: Path, cost: str = "gmac") -> lis
 
 
 def read_search_history(trial_dir: str | Path) -> list[dict[str, Any]]:
-    rows = {}
-    for line in Path(trial_dir, "result.json").read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if "alpha_normal" in r:
-                rows[r["epoch"]] = r
-    return [rows[k] for k in sorted(rows)]
+    """The search epochs that reported architecture weights, in order."""
+    return [r for r in trial_history(trial_dir) if "alpha_normal" in r]
 
 
 def alpha_evolution(trial_dir: str | Path, out: Path, edge: int = 0, cell: str = "normal") -> list[Path]:

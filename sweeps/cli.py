@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -43,16 +44,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_overhead(args: argparse.Namespace) -> int:
     from sweeps.overhead import measure_overhead
 
-    result = measure_overhead(args.trials, args.epochs, args.cpus, args.checkpoint_every)
+    # with --json, stdout carries the JSON object only (Ray Tune prints its experiment table there)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = measure_overhead(args.trials, args.epochs, args.cpus, args.checkpoint_every)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{result['trials']} trials of ~{result['mean_trial_s']:.1f} s: in-process one after another "
-              f"{result['sequential_s']:.1f} s, as a Ray Tune sweep {result['sweep_s']:.1f} s "
+              f"{result['sequential_s']:.1f} s (mean of {result['sequential_before_s']:.1f} s before and "
+              f"{result['sequential_after_s']:.1f} s after the sweep: the machine drifted "
+              f"{100 * result['drift']:+.1f} %), as a Ray Tune sweep {result['sweep_s']:.1f} s "
               f"(overhead {100 * result['overhead']:+.1f} %, Ray start-up included; checkpoint every "
               f"{result['checkpoint_every']} epochs)\n"
               f"  of which once per sweep (Ray and Tune start-up, first worker, shutdown): {result['fixed_s']:.1f} s; "
-              f"inside the trials: {100 * result['in_trial_overhead']:+.1f} %")
+              f"inside the trials: {100 * result['in_trial_overhead']:+.1f} % (starting trials "
+              f"{result['trial_start_s']:.1f} s, reporting and checkpointing {result['reporting_s']:.1f} s, "
+              f"epochs {100 * result['epochs_slowdown']:+.1f} % against in-process)")
     return 0
 
 

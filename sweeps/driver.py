@@ -252,6 +252,8 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
                verbose: int = 1) -> Any:
     from ray import tune
 
+    from sweeps.loggers import CSVLogger, JsonLogger
+
     stage_path = sweep.join(stage.kind)
     trainable = _trainable(stage)
     if tune.Tuner.can_restore(stage_path):
@@ -263,6 +265,7 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
             name=stage.kind, storage_path=sweep.location, verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[JsonLogger(), CSVLogger()],  # Ray adds its TensorBoard logger itself
         )
         tuner = tune.Tuner(trainable, param_space=_param_space(stage, genotypes), tune_config=_tune_config(stage, spec),
                            run_config=run_config)

@@ -2,6 +2,9 @@
 
 The sweep runs one trial at a time with every CPU (``resources: {cpu: N}``), so both sides do the same
 work with the same threads; the difference is Ray's start-up, scheduling, reporting and checkpointing.
+The in-process trials run both before and after the sweep and the sweep is compared with their mean, so
+a machine whose speed drifts (shared VMs drift 10-30 % within minutes) does not bias the figure; the
+drift itself is reported.
 """
 
 from __future__ import annotations
@@ -28,13 +31,18 @@ def measure_overhead(trials: int = 3, epochs: int = 75, cpus: int | None = None,
     base = {"dataset": "digits", "channels": 8, "batch_size": 64, "lr": 0.05, "epochs": epochs}
     data = load_dataset("digits")
     torch.set_num_threads(cpus)
-    start = time.perf_counter()
-    per_trial = []
-    for seed in range(trials):
-        t = time.perf_counter()
-        run_eval(EvalConfig(genotype="DARTS_V2", layers=2, seed=seed, **base), data=data, device="cpu")
-        per_trial.append(time.perf_counter() - t)
-    sequential = time.perf_counter() - start
+
+    def one_after_another() -> tuple[float, float]:
+        """(wall seconds, seconds inside epochs) of the trials run in this process one after another."""
+        wall = in_epochs = 0.0
+        for seed in range(trials):
+            t = time.perf_counter()
+            result = run_eval(EvalConfig(genotype="DARTS_V2", layers=2, seed=seed, **base), data=data, device="cpu")
+            wall += time.perf_counter() - t
+            in_epochs += sum(h["epoch_time_s"] for h in result.history)
+        return wall, in_epochs
+
+    before = one_after_another()
     raw = {"name": "overhead", "dataset": "digits",
            "eval": {**{k: v for k, v in base.items() if k != "dataset"}, "genotypes": ["DARTS_V2"], "layers": [2],
                     "seeds": list(range(trials)), "resources": {"cpu": cpus}, "checkpoint_every": checkpoint_every},
@@ -42,17 +50,29 @@ def measure_overhead(trials: int = 3, epochs: int = 75, cpus: int | None = None,
     with tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
         run_sweep(parse_sweep(raw), storage=storage, verbose=0)
-        swept = time.perf_counter() - start
         import ray
 
         ray.shutdown()
+        swept = time.perf_counter() - start
         from analysis.frames import history_frame
 
-        # a trial's own wall time as Tune measured it: its last result's time_total_s
-        in_trials = float(history_frame(Path(storage, "overhead")).groupby("trial_id")["time_total_s"].max().sum())
-    return {"trials": trials, "epochs": epochs, "cpus": cpus, "mean_trial_s": sum(per_trial) / trials,
+        history = history_frame(Path(storage, "overhead")).sort_values(["trial_id", "epoch"])
+    after = one_after_another()
+    sequential = (before[0] + after[0]) / 2
+    # Tune's time_this_iter_s runs from one report to the next; epoch_time_s is the training loop's own
+    first = history.groupby("trial_id").head(1)
+    rest = history.drop(first.index)
+    in_trials = float(history.time_this_iter_s.sum())  # each trial's wall time as Tune measured it
+    return {"trials": trials, "epochs": epochs, "cpus": cpus, "mean_trial_s": sequential / trials,
             "checkpoint_every": checkpoint_every, "sequential_s": sequential, "sweep_s": swept,
+            "sequential_before_s": before[0], "sequential_after_s": after[0],
+            "drift": after[0] / before[0] - 1,  # the machine's own speed change (and warm-up) over the measurement
             "overhead": swept / sequential - 1,
-            # where it goes: once per sweep (Ray and Tune start-up, first worker) vs inside the trials
-            "fixed_s": swept - in_trials, "in_trial_overhead": in_trials / sequential - 1}
+            # where it goes: once per sweep (Ray and Tune start-up, scheduling, shutdown) vs inside the trials
+            "fixed_s": swept - in_trials, "in_trial_overhead": in_trials / sequential - 1,
+            # inside the trials: starting (worker imports, trial setup: the first report's extra time),
+            # reporting and checkpointing between epochs, and the epochs themselves against in-process
+            "trial_start_s": float((first.time_this_iter_s - first.epoch_time_s).sum()),
+            "reporting_s": float((rest.time_this_iter_s - rest.epoch_time_s).sum()),
+            "epochs_slowdown": float(history.epoch_time_s.sum()) / ((before[1] + after[1]) / 2) - 1}
 

@@ -4,6 +4,11 @@ Each trainable is a plain function: it reads its config, restores from ``tune.ge
 present (continuing from the epoch after the checkpoint), runs the ``nas`` loop and calls
 ``tune.report(metrics, checkpoint=...)`` every epoch. Tune's TensorBoard logger writes every reported
 number (losses, accuracies, lr, alpha entropy) into the trial folder.
+
+Every checkpoint also holds ``history.json``: every epoch reported so far on the line that led to it.
+Ray's ``result.json`` is not a reliable record after a restore (the driver can copy a lagging stored
+copy over its own, and a driver killed mid-sync leaves a truncated one), so ``analysis`` fills the
+epochs result.json lost from the newest checkpoint's history.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from nas.io import load_checkpoint
 from nas.train import run_eval, run_search
 
 STATE_FILE = "state.pt"
+HISTORY_FILE = "history.json"
 
 
 def _device() -> str:
@@ -49,24 +55,34 @@ def _set_threads() -> None:
         torch.set_num_threads(threads)
 
 
-def _restore() -> dict[str, Any] | None:
+def _restore() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(training state, epochs reported up to it) of the trial's checkpoint; (None, []) on a fresh start."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return None
+        return None, []
     with checkpoint.as_directory() as folder:
-        return load_checkpoint(Path(folder) / STATE_FILE)
+        state = load_checkpoint(Path(folder) / STATE_FILE)
+        history_file = Path(folder) / HISTORY_FILE
+        history = json.loads(history_file.read_text()) if history_file.exists() else []
+    return state, [h for h in history if h.get("epoch", 0) <= state["epoch"]]
 
 
-def _reporter(every: int, total_epochs: int, fixed: dict[str, Any]):
-    """on_epoch hook: report metrics every epoch, with a checkpoint every ``every`` epochs and at the end."""
+def _reporter(every: int, total_epochs: int, fixed: dict[str, Any], history: list[dict[str, Any]]):
+    """on_epoch hook: report metrics every epoch, with a checkpoint every ``every`` epochs and at the end.
+
+    ``history`` (the reported epochs restored with the checkpoint) is extended in place and saved in
+    every checkpoint.
+    """
 
     def on_epoch(metrics: dict[str, Any], make_checkpoint) -> None:
         metrics = {**metrics, **fixed, "diverged": False, "node_id": _node_id()}
+        history.append(metrics)
         if metrics["epoch"] % every and metrics["epoch"] != total_epochs:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
             torch.save(make_checkpoint(), Path(folder) / STATE_FILE)
+            (Path(folder) / HISTORY_FILE).write_text(json.dumps(history, default=str))
             if "genotype" in metrics:
                 (Path(folder) / "genotype.json").write_text(json.dumps(metrics["genotype"]))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -74,9 +90,13 @@ def _reporter(every: int, total_epochs: int, fixed: dict[str, Any]):
     return on_epoch
 
 
-def _report_divergence(exc: DivergenceError, state: dict[str, Any] | None, fixed: dict[str, Any]) -> None:
-    """A diverged trial ends (no retry would help) with the error in its last result, for ``status``."""
-    epoch = state["epoch"] if state else 0
+def _report_divergence(exc: DivergenceError, state: dict[str, Any] | None, history: list[dict[str, Any]],
+                       fixed: dict[str, Any]) -> None:
+    """A diverged trial ends (no retry would help) with the error in its last result, for ``status``.
+
+    The result's epoch is the one that diverged (one past the last reported), so it reads as the latest.
+    """
+    epoch = (history[-1]["epoch"] if history else state["epoch"] if state else 0) + 1
     tune.report({**fixed, "epoch": epoch, "diverged": True, "error": f"DivergenceError: {exc}"})
 
 
@@ -90,12 +110,12 @@ def search_trainable(config: dict[str, Any]) -> None:
     resolved = cfg.resolved_op_set()
     fixed = {"stage": "search", "op_set": resolved.id, "seed": cfg.seed,
              "F": resolved.options.bottleneck_ratio if resolved.uses_bottleneck_ratio else None}
-    state = _restore()
+    state, history = _restore()
     try:
         run_search(cfg, device=_device(), resume=state,
-                   on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed))
+                   on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed, history))
     except DivergenceError as exc:
-        _report_divergence(exc, state, fixed)
+        _report_divergence(exc, state, history, fixed)
 
 
 def eval_trial_config(config: dict[str, Any]) -> tuple[EvalConfig, dict[str, Any]]:
@@ -118,12 +138,12 @@ def eval_trainable(config: dict[str, Any]) -> None:
     """One evaluation training. config: genotype (id), layers, seed, F, genotypes (id -> entry), base."""
     _set_threads()
     cfg, fixed = eval_trial_config(config)
-    state = _restore()
+    state, history = _restore()
     try:
         run_eval(cfg, data=load_dataset(cfg.dataset, cfg.data_dir), device=_device(), resume=state,
-                 on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed))
+                 on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed, history))
     except DivergenceError as exc:
-        _report_divergence(exc, state, fixed)
+        _report_divergence(exc, state, history, fixed)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -174,3 +194,4 @@ class GroupedASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "GroupedASHA: " + ", ".join(f"layers={k}" for k in sorted(self._groups, key=str))
+

@@ -1,0 +1,151 @@
+"""A trial's epoch history survives Ray's restarts: result.json lineage, checkpoint history, loggers."""
+
+import json
+import os
+import shutil
+import tempfile
+import types
+from pathlib import Path
+
+import pyarrow.fs
+import pytest
+
+from analysis.frames import load_frames, trial_history
+from sweeps import trainables
+from sweeps.driver import eval_genotypes
+from sweeps.loggers import JsonLogger
+from sweeps.spec import parse_sweep
+from tests.ray_helpers import sweep_file
+
+
+def write_results(trial_dir: Path, rows: list[dict]) -> None:
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_saved_history(trial_dir: Path, index: int, rows: list[dict], mtime: float) -> None:
+    folder = trial_dir / f"checkpoint_{index:06d}"
+    folder.mkdir(parents=True)
+    (folder / "history.json").write_text(json.dumps(rows))
+    os.utime(folder / "history.json", (mtime, mtime))
+
+
+def test_history_follows_the_latest_attempt(tmp_path):
+    # attempt 1 reported 1-4; it was restored from epoch 2's checkpoint and reported 3-5 again
+    write_results(tmp_path, [{"epoch": e, "attempt": 1} for e in (1, 2, 3, 4)]
+                  + [{"epoch": e, "attempt": 2} for e in (3, 4, 5)])
+    rows = trial_history(tmp_path)
+    assert [(r["epoch"], r["attempt"]) for r in rows] == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2)]
+
+
+def test_stale_epochs_past_the_restart_are_dropped(tmp_path):
+    # attempt 1 reached epoch 6 past its last checkpoint (4); attempt 2 restarted at 5 and is at 5
+    write_results(tmp_path, [{"epoch": e, "attempt": 1} for e in range(1, 7)] + [{"epoch": 5, "attempt": 2}])
+    assert [(r["epoch"], r["attempt"]) for r in trial_history(tmp_path)] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2)]
+
+
+def test_epochs_lost_from_result_json_come_from_the_newest_checkpoint(tmp_path):
+    # a resumed trial whose result.json lost its first 14 epochs (seen after a driver SIGKILL)
+    write_results(tmp_path, [{"epoch": 15, "acc": 15.0}])
+    write_saved_history(tmp_path, 13, [{"epoch": e, "acc": -1.0} for e in range(1, 14)], mtime=1_000)
+    write_saved_history(tmp_path, 14, [{"epoch": e, "acc": float(e)} for e in range(1, 15)], mtime=2_000)
+    rows = trial_history(tmp_path)
+    assert [r["epoch"] for r in rows] == list(range(1, 16))
+    assert [r["acc"] for r in rows] == [float(e) for e in range(1, 16)]  # the newest checkpoint's, not -1
+
+
+def test_checkpoint_history_never_runs_ahead_of_result_json(tmp_path):
+    # restarted from scratch after an early kill: the old attempt's checkpoint (epoch 5) is still on disk
+    write_results(tmp_path, [{"epoch": 1, "attempt": 2}, {"epoch": 2, "attempt": 2}])
+    write_saved_history(tmp_path, 5, [{"epoch": e, "attempt": 1} for e in range(1, 6)], mtime=1_000)
+    assert [(r["epoch"], r["attempt"]) for r in trial_history(tmp_path)] == [(1, 2), (2, 2)]
+
+
+def test_truncated_result_json_and_damaged_history(tmp_path):
+    (tmp_path / "result.json").write_text("")
+    write_saved_history(tmp_path, 3, [{"epoch": e} for e in (1, 2, 3)], mtime=1_000)
+    assert [r["epoch"] for r in trial_history(tmp_path)] == [1, 2, 3]  # all from the checkpoint
+    write_results(tmp_path, [{"epoch": 1}, {"epoch": 2}])
+    (tmp_path / "checkpoint_000003" / "history.json").write_text('[{"epoch": 1')
+    assert [r["epoch"] for r in trial_history(tmp_path)] == [1, 2]  # damaged history adds nothing, no error
+
+
+def test_a_report_being_written_is_not_corruption(tmp_path):
+    write_results(tmp_path, [{"epoch": 1}, {"epoch": 2}])
+    with open(tmp_path / "result.json", "a") as f:
+        f.write('{"epoch": 3, "acc"')  # a live sweep: Ray is in the middle of writing epoch 3
+    assert [r["epoch"] for r in trial_history(tmp_path)] == [1, 2]
+    (tmp_path / "result.json").write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')  # damaged inside: an error
+    with pytest.raises(json.JSONDecodeError):
+        trial_history(tmp_path)
+
+
+def test_trial_diverged_after_some_epochs(tmp_path):
+    (tmp_path / "sweep.yaml").write_text("name: x\n")
+    trial_dir = tmp_path / "search" / "search_darts_s0_a1b2c_00000"
+    write_results(trial_dir, [{"epoch": 1, "valid_acc": 20.0, "diverged": False, "trial_id": "a1b2c_00000"},
+                              {"epoch": 2, "valid_acc": 30.0, "diverged": False, "trial_id": "a1b2c_00000"},
+                              {"epoch": 3, "diverged": True, "error": "DivergenceError: loss became nan",
+                               "trial_id": "a1b2c_00000"}])
+    (trial_dir / "params.json").write_text(json.dumps({"base": {"epochs": 5}, "op_set": "darts", "seed": 0}))
+    trials, history = load_frames(tmp_path)
+    row = trials.iloc[0]
+    assert (row.status, row.epochs_done, row.final_acc, row.best_acc) == ("diverged", 2, 30.0, 30.0)
+    assert row.error == "DivergenceError: loss became nan"
+    assert list(history.epoch) == [1, 2, 3]
+
+
+@pytest.fixture()
+def eval_config(tmp_path):
+    spec = parse_sweep(sweep_file(tmp_path, "h", evaluation={"genotypes": ["DARTS_V2"], "layers": [1],
+                                                             "epochs": 3, "max_steps_per_epoch": 2}))
+    return {"base": spec.eval.base, "checkpoint_every": 1, "seed": 0, "genotype": "DARTS_V2", "layers": 1,
+            "F": None, "genotypes": eval_genotypes(spec, {})}
+
+
+def test_trainable_saves_its_history_in_every_checkpoint_and_continues_it(eval_config, tmp_path, monkeypatch):
+    saved: dict[int, Path] = {}
+
+    def report(metrics, checkpoint=None):
+        if checkpoint is not None:  # what Ray would persist: a copy of the checkpoint folder
+            saved[metrics["epoch"]] = Path(shutil.copytree(checkpoint.path, tmp_path / f"ckpt{metrics['epoch']}"))
+
+    monkeypatch.setattr(trainables.tune, "report", report)
+    monkeypatch.setattr(trainables.tune, "get_checkpoint", lambda: None)
+    trainables.eval_trainable(eval_config)
+    first = json.loads((saved[3] / "history.json").read_text())
+    assert [h["epoch"] for h in first] == [1, 2, 3] and all(h["genotype_id"] for h in first)
+
+    # restored from epoch 2's checkpoint (as after a crash): epochs 1-2 come back, 3 is trained again
+    from ray import tune
+
+    monkeypatch.setattr(trainables.tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(saved[2])))
+    shutil.rmtree(saved.pop(3))
+    trainables.eval_trainable(eval_config)
+    again = json.loads((saved[3] / "history.json").read_text())
+    assert [h["epoch"] for h in again] == [1, 2, 3]
+    assert again[:2] == first[:2]  # the restored epochs are the ones reported before, unchanged
+
+
+def fake_trial(local: Path, stored: Path) -> types.SimpleNamespace:
+    storage = types.SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(stored))
+    return types.SimpleNamespace(local_path=str(local), storage=storage, checkpoint=object())
+
+
+def test_logger_keeps_the_drivers_newer_copy_on_restart(tmp_path):
+    local, stored = tmp_path / "staging", tmp_path / "stored"
+    write_results(local, [{"epoch": 1}, {"epoch": 2}])
+    write_results(stored, [{"epoch": 1}])  # synced a few seconds before the retry
+    JsonLogger()._restore_from_remote("result.json", fake_trial(local, stored))
+    assert [r["epoch"] for r in trial_history(local)] == [1, 2]
+
+
+def test_logger_takes_the_stored_copy_when_it_holds_more(tmp_path):
+    local, stored = tmp_path / "staging", tmp_path / "stored"
+    write_results(stored, [{"epoch": 1}, {"epoch": 2}])
+    local.mkdir()  # Ray creates the staging folder before restoring into it
+    JsonLogger()._restore_from_remote("result.json", fake_trial(local, stored))  # a new driver: nothing local
+    assert [r["epoch"] for r in trial_history(local)] == [1, 2]
+    write_results(local, [{"epoch": 1}])
+    JsonLogger()._restore_from_remote("result.json", fake_trial(local, stored))
+    assert [r["epoch"] for r in trial_history(local)] == [1, 2]
