@@ -180,29 +180,33 @@ def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Ten
     dW[c, i, j] = sum_{n,h,w} grad[n, c, h, w] * x_pad[n, c, d*i + s*h, d*j + s*w]: every (n, c) image of
     ``x`` correlated with its own ``grad`` image as the kernel (stride and dilation swap roles), then summed
     over n. oneDNN's forward kernels run this 2-4x faster on CPU than its depthwise weight-gradient kernel
-    does for 5x5 and 7x7 filters (``dartsweep bench search``); 3x3 keeps oneDNN's own (it is fast there).
-    Differentiable, so double backward (the exact-hypergradient reference) works through it.
+    does for 5x5 and 7x7 filters (``dartsweep bench search``); filters up to 3x3 keep oneDNN's own (it is
+    fast there; see ``_depthwise_backward``). Differentiable, so double backward (the exact-hypergradient
+    reference) works through it.
     """
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
-    if kh * kw <= 9:
-        return torch.ops.aten.convolution_backward(grad, x, weight, None, list(stride), list(padding), list(dilation),
-                                                   False, [0, 0], c, [False, True, False])[1]
     ho, wo = grad.shape[2:]
     out = F.conv2d(x.contiguous().view(1, n * c, h, w), grad.contiguous().view(n * c, 1, ho, wo), None,
                    tuple(dilation), tuple(padding), tuple(stride), n * c)
     return out[:, :, :kh, :kw].reshape(n, c, kh, kw).sum(0).unsqueeze(1)
 
 
+_ONEDNN_WEIGHT_GRAD_MAX_AREA = 9  # filters up to 3x3: oneDNN's depthwise weight gradient is the faster one
+
+
 def _depthwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
                         padding: Sequence[int], dilation: Sequence[int], needs_input_grad: bool,
                         needs_weight_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(input, weight) gradients of a depthwise conv: one oneDNN backward call for the input's (and, for
+    small filters, the weight's), :func:`depthwise_weight_grad` for larger filters' weight."""
+    native_weight_grad = needs_weight_grad and weight.shape[2] * weight.shape[3] <= _ONEDNN_WEIGHT_GRAD_MAX_AREA
     grad_x = grad_w = None
-    if needs_input_grad:
-        grad_x = torch.ops.aten.convolution_backward(
+    if needs_input_grad or native_weight_grad:
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], x.shape[1],
-            [True, False, False])[0]
-    if needs_weight_grad:
+            [needs_input_grad, native_weight_grad, False])
+    if needs_weight_grad and not native_weight_grad:
         grad_w = depthwise_weight_grad(x, grad, weight, stride, padding, dilation)
     return grad_x, grad_w
 

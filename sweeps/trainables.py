@@ -199,4 +199,3 @@ class GroupedASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "GroupedASHA: " + ", ".join(f"layers={k}" for k in sorted(self._groups, key=str))
-
