@@ -26,7 +26,7 @@ from nas import architect
 from nas.data import ImageData, make_batch
 from nas.eval_network import EvalNetwork
 from nas.genotypes import PIBCONV
-from nas.ops import POOLING, DepthwiseConv2d, GroupedConv2d, LeanBatchNorm2d, build_op
+from nas.ops import POOLING, build_op, reference_modules
 from nas.opsets import OP_SETS, OpSet
 from nas.search_network import SearchNetwork
 from nas.train import eval_loss, keep_freed_memory
@@ -54,20 +54,9 @@ class PlainMixedOp(nn.Module):
         return mixed if out is None else out + mixed  # the cell's sum over edges, as DARTS writes it
 
 
-def native_modules(model: nn.Module) -> nn.Module:
-    """Every rewritten conv and norm back to plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` (same parameters and
-    buffers), as research code has them."""
-    for module in model.modules():
-        if isinstance(module, (DepthwiseConv2d, GroupedConv2d)):
-            module.__class__ = nn.Conv2d
-        elif isinstance(module, LeanBatchNorm2d):
-            module.__class__ = nn.BatchNorm2d
-    return model
-
-
 def plain_network(op_set: OpSet, channels: int, layers: int, num_classes: int = 10, in_channels: int = 3,
                   nodes: int = 4) -> SearchNetwork:
-    return native_modules(SearchNetwork(op_set, channels, layers, nodes, num_classes, in_channels,
+    return reference_modules(SearchNetwork(op_set, channels, layers, nodes, num_classes, in_channels,
                                         mixed_op=PlainMixedOp))
 
 
@@ -274,7 +263,7 @@ def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     fmt = torch.channels_last if fast and args["channels_last"] else torch.contiguous_format
     base = _current_rss_mb()
     model = EvalNetwork(PIBCONV, args["C"], args["layers"], 10, 3, auxiliary=True)
-    model = (model if fast else native_modules(model)).to(device).to(memory_format=fmt)
+    model = (model if fast else reference_modules(model)).to(device).to(memory_format=fmt)
     model.drop_path_prob = 0.2
     model.train()
     opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)

@@ -39,14 +39,12 @@ def complexity(genotype: Genotype, layers: int, channels: int = 36, num_classes:
 def _complexity(genotype: Genotype, layers: int, channels: int, num_classes: int, in_channels: int,
                 image_size: int) -> Complexity:
     from ptflops import get_model_complexity_info
-    from ptflops.pytorch_ops import conv_flops_counter_hook
 
-    from nas.ops import DepthwiseConv2d, GroupedConv2d
+    from nas.ops import reference_modules
 
-    model = EvalNetwork(genotype, channels, layers, num_classes, in_channels, auxiliary=False).eval()
+    # every conv a module call, as ptflops counts them (the CPU rewrites compute some convs functionally)
+    model = reference_modules(EvalNetwork(genotype, channels, layers, num_classes, in_channels, auxiliary=False)).eval()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         macs, _ = get_model_complexity_info(model, (in_channels, image_size, image_size), as_strings=False,
-                                            print_per_layer_stat=False, verbose=False, backend="pytorch",
-                                            custom_modules_hooks={GroupedConv2d: conv_flops_counter_hook,
-                                                                  DepthwiseConv2d: conv_flops_counter_hook})
+                                            print_per_layer_stat=False, verbose=False, backend="pytorch")
     return Complexity(params_m=count_params_m(model), gmac=float(macs) / 1e9)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nas.genotypes import Genotype
-from nas.ops import build_op, cell_layout, cell_preprocessing, stem
+from nas.ops import GlobalAvgPool2d, build_op, cell_layout, cell_preprocessing, stem
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
@@ -92,6 +92,7 @@ class EvalNetwork(nn.Module):
             if i == self.aux_position:
                 c_aux = c_p
         self.auxiliary_head = AuxiliaryHead(c_aux, num_classes) if auxiliary else None
+        self.global_pooling = GlobalAvgPool2d()
         self.classifier = nn.Linear(c_p, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,5 +103,5 @@ class EvalNetwork(nn.Module):
             s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
             if i == self.aux_position and self.auxiliary_head is not None and self.training:
                 logits_aux = self.auxiliary_head(s1)
-        logits = self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
+        logits = self.classifier(self.global_pooling(s1).flatten(1))
         return logits, logits_aux

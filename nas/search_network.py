@@ -9,7 +9,8 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from nas.genotypes import Genotype
-from nas.ops import POOLING, build_op, cell_layout, cell_preprocessing, make_activation, make_norm, stem
+from nas.ops import (POOLING, GlobalAvgPool2d, build_op, cell_layout, cell_preprocessing, make_activation,
+                     make_norm, stem)
 from nas.opsets import OpSet
 
 
@@ -39,15 +40,52 @@ class MixedOp(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``out + sum_o w_o * o(x)`` (``out`` lets a node accumulate all its edges in one tensor)."""
         activated = self.shared_act(x) if self.shared_act is not None else None
-        for i, op, tail in zip(self.index, self.ops, self._tails):
+        outputs = []
+        for op, tail in zip(self.ops, self._tails):
             if tail is None:
                 y = op(x)
             else:
                 y = activated
                 for module in tail:
                     y = module(y)
-            out = weights[i] * y if out is None else torch.addcmul(out, weights[i], y)
+            outputs.append(y)
+        return _WeightedSum.apply(weights[self.index], out, *outputs)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor | None:
+    """``t``'s elements in memory order as a 1-D view (NCHW or channels_last), else None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return None
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``out + sum_o w[o] * y_o``, whose backward takes w's gradient as dot products <grad, y_o>: autograd's
+    own (addcmul's) would first write every grad * y_o out in full, one more activation-sized tensor per
+    op. ``out`` may be None."""
+
+    @staticmethod
+    def forward(ctx, w, out, *ys):  # noqa: ANN001 - autograd signature
+        ctx.has_out = out is not None
+        for i, y in enumerate(ys):
+            out = y * w[i] if out is None else torch.addcmul(out, y, w[i])
+        ctx.save_for_backward(w, *ys)
         return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        w, *ys = ctx.saved_tensors
+        flat_grad = _flat(grad)
+        dots = []
+        for y in ys:
+            flat_y = _flat(y) if flat_grad is not None and y.stride() == grad.stride() and y.dtype == grad.dtype \
+                else None
+            dots.append(torch.dot(flat_grad, flat_y) if flat_y is not None else (grad * y).sum())
+        grad_w = torch.stack(dots).to(w.dtype) if ctx.needs_input_grad[0] else None
+        return (grad_w, grad if ctx.has_out else None,
+                *(grad * w[i] if ctx.needs_input_grad[2 + i] else None for i in range(len(ys))))
 
 
 class SearchCell(nn.Module):
@@ -120,6 +158,7 @@ class SearchNetwork(nn.Module):
             self.cells.append(SearchCell(op_set, nodes, c_pp, c_p, c_curr, reduction, reduction_prev, mixed_op))
             reduction_prev = reduction
             c_pp, c_p = c_p, nodes * c_curr
+        self.global_pooling = GlobalAvgPool2d()
         self.classifier = nn.Linear(c_p, num_classes)
         k, n_ops = num_edges(nodes), len(op_set.primitives)
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(k, n_ops))
@@ -145,7 +184,7 @@ class SearchNetwork(nn.Module):
                 s0, s1 = s1, _checkpointed(cell, s0, s1, weights)
             else:
                 s0, s1 = s1, cell(s0, s1, weights)
-        return self.classifier(F.adaptive_avg_pool2d(s1, 1).flatten(1))
+        return self.classifier(self.global_pooling(s1).flatten(1))
 
     def genotype(self) -> Genotype:
         return derive_genotype(F.softmax(self.alpha_normal, -1), F.softmax(self.alpha_reduce, -1), self.op_set,

@@ -22,7 +22,7 @@ from nas.data import load_dataset
 from nas.train import run_eval
 
 
-def measure_overhead(trials: int = 3, epochs: int = 75, cpus: int | None = None,
+def measure_overhead(trials: int = 8, epochs: int = 90, cpus: int | None = None,
                      checkpoint_every: int = 10) -> dict[str, Any]:
     from sweeps.driver import run_sweep
     from sweeps.spec import parse_sweep

@@ -68,6 +68,19 @@ def test_weight_gradients_match(checkpoint_cells):
                                flat([a.grad for a in plain.arch_parameters()]))
 
 
+def test_plain_network_has_only_research_code_modules():
+    """The bench's baseline runs nn.Conv2d / nn.BatchNorm2d / DARTS' FactorizedReduce, never a CPU rewrite."""
+    from nas.ops import (DepthwiseConv2d, FactorizedReduce, GroupedConv2d, LeanBatchNorm2d, PointwiseConv2d,
+                         ReferenceFactorizedReduce)
+
+    rewrites = {DepthwiseConv2d, GroupedConv2d, PointwiseConv2d, LeanBatchNorm2d, FactorizedReduce}
+    fast, plain, _ = twins()
+    assert rewrites <= {type(m) for m in fast.modules()}
+    plain_kinds = {type(m) for m in plain.modules()}
+    assert not rewrites & plain_kinds
+    assert ReferenceFactorizedReduce in plain_kinds
+
+
 @pytest.mark.parametrize("order", [1, 2])
 def test_alpha_gradients_match_plain_darts(order):
     fast, plain, (train, valid) = twins()

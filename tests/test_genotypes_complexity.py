@@ -22,6 +22,36 @@ def test_table1_rows(genotype, layers, params_m, gmac):
     assert abs(c.gmac / gmac - 1) < 0.04
 
 
+@pytest.mark.parametrize("genotype", [DARTS_V2, PIBCONV])
+def test_gmacs_count_every_conv_the_network_runs(genotype):
+    """ptflops counts module calls; the CPU rewrites compute some convs functionally (FactorizedReduce on the
+    even / odd pixels, PIBConv's grouped conv as depthwise + sum, 1x1 convs as matrix products), so
+    complexity() counts the network with ``reference_modules``. Its conv and linear MACs must equal those
+    torch's own FlopCounterMode sees (every aten conv and matmul, however it is called) in the network as
+    it runs on CPU."""
+    import contextlib
+    import io
+
+    from ptflops import get_model_complexity_info
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nas.eval_network import EvalNetwork
+    from nas.ops import reference_modules
+
+    torch.manual_seed(0)
+    fast = EvalNetwork(genotype, 16, 5, 10, 3, auxiliary=False).eval().to(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fast(torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    not_convs = [torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.GELU, torch.nn.MaxPool2d, torch.nn.AvgPool2d,
+                 torch.nn.AdaptiveAvgPool2d]
+    with contextlib.redirect_stdout(io.StringIO()):
+        conv_macs, _ = get_model_complexity_info(
+            reference_modules(fast), (3, 32, 32), as_strings=False, print_per_layer_stat=False, backend="pytorch",
+            ignore_modules=not_convs, backend_specific_config={"count_functional": False})
+    assert conv_macs == pytest.approx(counter.get_total_flops() / 2, rel=1e-4)  # FLOPs of multiply-adds
+    assert complexity(genotype, 5, channels=16).gmac > conv_macs / 1e9  # plus norms, activations, pooling
+
+
 def test_complexity_grows_with_layers():
     values = [complexity(PIBCONV, n) for n in (2, 3, 5)]
     assert values[0].params_m < values[1].params_m < values[2].params_m

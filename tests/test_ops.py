@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nas.errors import ConfigError
 from nas.ops import PRIMITIVES, OpOptions, build_op
@@ -76,15 +77,20 @@ def test_op_set_ids_are_stable_and_readable():
 @pytest.mark.parametrize("c_in,c_out,groups", [(32, 16, 16), (40, 16, 8), (16, 32, 8)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
-def test_grouped_conv_cpu_path_equals_native_conv(c_in, c_out, groups, channels_last, stride, dilation):
-    """GroupedConv2d's depthwise-then-sum path computes nn.Conv2d's function and gradients, incl. double backward."""
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_grouped_conv_cpu_path_equals_native_conv(c_in, c_out, groups, channels_last, stride, dilation, kernel_size):
+    """GroupedConv2d's depthwise-then-sum path computes nn.Conv2d's function and gradients, incl. double backward.
+
+    (40, 16, 8) is PIBConv at F = 2.5: two outputs per group, so the depthwise conv has a channel multiplier
+    (its 5x5 weight gradient used to fail with a shape error)."""
     from nas.ops import GroupedConv2d
 
     torch.manual_seed(0)
-    conv = GroupedConv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups,
+    padding = dilation * (kernel_size // 2)
+    conv = GroupedConv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
                          bias=False).double()
-    native = torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups,
-                             bias=False).double()
+    native = torch.nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                             groups=groups, bias=False).double()
     native.load_state_dict(conv.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, c_in, 7, 7, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
@@ -184,3 +190,119 @@ def test_lean_batch_norm_equals_native_and_keeps_only_its_output(channels_last, 
     gx_ref = torch.autograd.grad(native(x).pow(3).sum(), x, create_graph=True)[0]
     torch.testing.assert_close(torch.autograd.grad(gx.pow(2).sum(), x)[0], torch.autograd.grad(gx_ref.pow(2).sum(), x)[0])
     torch.autograd.gradgradcheck(lambda t: lean(t).pow(3), (x,))
+
+
+def _cl_grad(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_equals_native_conv(channels_last):
+    """PointwiseConv2d (a matrix product on channels_last CPU input) computes nn.Conv2d's function, gradients
+    and double backward, and keeps the channels_last layout."""
+    from nas.ops import PointwiseConv2d
+
+    torch.manual_seed(0)
+    conv = PointwiseConv2d(6, 10, 1, bias=False).double()
+    native = torch.nn.Conv2d(6, 10, 1, bias=False).double()
+    native.load_state_dict(conv.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 6, 5, 7, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    y = conv(x)
+    torch.testing.assert_close(y, native(x))
+    assert y.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, conv.weight), g)
+    for a, b in zip(grads, torch.autograd.grad(native(x), (x, native.weight), g)):
+        torch.testing.assert_close(a, b)
+    assert grads[0].is_contiguous(memory_format=fmt)
+    gw = torch.autograd.grad(conv(x).pow(2).sum(), conv.weight, create_graph=True)[0]
+    gw_ref = torch.autograd.grad(native(x).pow(2).sum(), native.weight, create_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(gw.pow(2).sum(), x)[0],
+                               torch.autograd.grad(gw_ref.pow(2).sum(), x)[0])
+
+
+@pytest.mark.parametrize("size", [8, 7])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_factorized_reduce_equals_its_stride_two_convs(size, channels_last):
+    """FactorizedReduce's even-size path (activation and 1x1 convs on the even / odd pixels only) equals
+    DARTS' definition: act, two offset stride-2 1x1 convs, concatenation, norm. The input's gradient keeps
+    the input's layout."""
+    from nas.ops import FactorizedReduce
+
+    torch.manual_seed(0)
+    reduce = FactorizedReduce(6, 8, affine=False, activation="gelu").double()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    reduce = reduce.to(memory_format=fmt)
+    x = torch.randn(3, 6, size, size, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+
+    def reference(t):
+        t = F.gelu(t)
+        shifted = F.pad(t[:, :, 1:, 1:], (0, size % 2, 0, size % 2))
+        halves = [F.conv2d(t, reduce.conv_1.weight, stride=2), F.conv2d(shifted, reduce.conv_2.weight, stride=2)]
+        return F.batch_norm(torch.cat(halves, 1), None, None, training=True, eps=reduce.norm.eps)
+
+    y = reduce(x)
+    torch.testing.assert_close(y, reference(x))
+    g = torch.randn_like(y)
+    params = (x, reduce.conv_1.weight, reduce.conv_2.weight)
+    grads = torch.autograd.grad(y, params, g)
+    for a, b in zip(grads, torch.autograd.grad(reference(x), params, g)):
+        torch.testing.assert_close(a, b)
+    if channels_last:
+        assert _cl_grad(grads[0])
+    torch.autograd.gradgradcheck(lambda t: reduce(t).pow(2), (x,))
+
+
+def test_pixel_subsampling_and_global_pooling_keep_channels_last_gradients():
+    """On channels_last input these return gradients in channels_last (autograd's own slicing and
+    adaptive_avg_pool2d backward return NCHW ones, which slow every op behind them), with the same values."""
+    from nas.ops import GlobalAvgPool2d, every_other_pixel, reference_modules
+
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    for first in (0, 1):
+        y = every_other_pixel(x, first)
+        torch.testing.assert_close(y, x[:, :, first::2, first::2])
+        g = torch.randn_like(y)
+        grad = torch.autograd.grad(y, x, g)[0]
+        torch.testing.assert_close(grad, torch.autograd.grad(x[:, :, first::2, first::2], x, g)[0])
+        assert _cl_grad(grad)
+    pool = GlobalAvgPool2d()
+    pooled = pool(x)
+    torch.testing.assert_close(pooled, F.adaptive_avg_pool2d(x, 1))
+    g = torch.randn_like(pooled)
+    grad = torch.autograd.grad(pooled, x, g)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(F.adaptive_avg_pool2d(x, 1), x, g)[0])
+    assert _cl_grad(grad)
+    torch.autograd.gradgradcheck(lambda t: pool(t).pow(2), (x,))
+    torch.autograd.gradgradcheck(lambda t: every_other_pixel(t, 1).pow(2), (x,))
+    assert type(reference_modules(torch.nn.Sequential(pool))[0]) is torch.nn.AdaptiveAvgPool2d
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mixed_op_weighted_sum_gradients(channels_last):
+    """MixedOp's weighted sum (alpha's gradient as dot products) gives autograd's gradients for x, the
+    softmax weights, the running node sum and every op's weights, including second order."""
+    from nas.search_network import MixedOp
+
+    torch.manual_seed(0)
+    op_set = OpSet(("none", "skip_connect", "pib_conv_3x3", "dil_conv_3x3", "max_pool_3x3"), OpOptions("gelu", "bn", 2.0))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    mixed = MixedOp(op_set, 4, 1).double().to(memory_format=fmt)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    node = torch.randn(2, 4, 6, 6, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    alpha = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def reference(x, node, alpha):
+        w = torch.softmax(alpha, 0)
+        return node + sum(w[i] * op(x) for i, op in zip(mixed.index, mixed.ops))
+
+    inputs = (x, node, alpha, *mixed.parameters())
+    g = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    out = mixed(x, torch.softmax(alpha, 0), node)
+    torch.testing.assert_close(out, reference(x, node, alpha))
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(reference(x, node, alpha), inputs, g)):
+        torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(mixed(x, torch.softmax(alpha, 0)).pow(2).sum(), alpha, create_graph=True)[0]
+    ga_ref = torch.autograd.grad((reference(x, node, alpha) - node).pow(2).sum(), alpha, create_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(ga.sum(), x)[0], torch.autograd.grad(ga_ref.sum(), x)[0])
