@@ -192,9 +192,9 @@ def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Ten
     dW[c, i, j] = sum_{n,h,w} grad[n, c, h, w] * x_pad[n, c, d*i + s*h, d*j + s*w]: every (n, c) image of
     ``x`` correlated with its own ``grad`` image as the kernel (stride and dilation swap roles), then summed
     over n. oneDNN's forward kernels run this 2-4x faster on CPU than its depthwise weight-gradient kernel
-    does for 5x5 and 7x7 filters and for dilated ones (``dartsweep bench search``); undilated filters up to
-    3x3 keep oneDNN's own (it is fast there; see ``_depthwise_backward``). Differentiable, so double backward (the exact-hypergradient
-    reference) works through it.
+    does for 5x5 and 7x7 filters and for dilated ones (``dartsweep bench search``); undilated filters up
+    to 3x3 keep oneDNN's own (it is fast there; see ``_depthwise_backward``). Differentiable, so double
+    backward (the exact-hypergradient reference) works through it.
     """
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
@@ -204,7 +204,7 @@ def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Ten
     return out[:, :, :kh, :kw].reshape(n, c, kh, kw).sum(0).unsqueeze(1)
 
 
-_ONEDNN_WEIGHT_GRAD_MAX_AREA = 9  # undilated filters up to 3x3: oneDNN's depthwise weight gradient is the faster one
+_ONEDNN_WEIGHT_GRAD_MAX_AREA = 9  # undilated filters up to 3x3: oneDNN's weight gradient is the faster one
 
 
 def depthwise_input_grad(grad: torch.Tensor, weight: torch.Tensor, padding: Sequence[int],
@@ -318,7 +318,7 @@ class _EveryOtherPixel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
-        grad_x = grad.new_zeros(ctx.shape).contiguous(memory_format=ctx.fmt)
+        grad_x = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.fmt).zero_()
         grad_x[:, :, ctx.first::2, ctx.first::2] = grad
         return grad_x, None
 
@@ -440,8 +440,9 @@ class ReferenceFactorizedReduce(FactorizedReduce):
 
 def reference_modules(model: nn.Module) -> nn.Module:
     """``model`` with every CPU rewrite swapped back, in place, for the module it computes: ``nn.Conv2d``,
-    ``nn.BatchNorm2d`` and DARTS' FactorizedReduce (same parameters and buffers). This is the network as
-    research code runs it (the bench's baseline) and as ptflops must see it (every conv a module call)."""
+    ``nn.BatchNorm2d``, DARTS' FactorizedReduce and ``nn.AdaptiveAvgPool2d`` (same parameters and buffers).
+    This is the network as research code runs it (the bench's baseline) and as ptflops must see it (every
+    conv a module call)."""
     for module in model.modules():
         if isinstance(module, (DepthwiseConv2d, GroupedConv2d, PointwiseConv2d)):
             module.__class__ = nn.Conv2d

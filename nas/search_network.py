@@ -77,13 +77,15 @@ class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
         w, *ys = ctx.saved_tensors
-        flat_grad = _flat(grad)
-        dots = []
-        for y in ys:
-            flat_y = _flat(y) if flat_grad is not None and y.stride() == grad.stride() and y.dtype == grad.dtype \
-                else None
-            dots.append(torch.dot(flat_grad, flat_y) if flat_y is not None else (grad * y).sum())
-        grad_w = torch.stack(dots).to(w.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[0]:
+            flat_grad = _flat(grad)
+            dots = []
+            for y in ys:
+                same_layout = flat_grad is not None and y.stride() == grad.stride() and y.dtype == grad.dtype
+                flat_y = _flat(y) if same_layout else None
+                dots.append(torch.dot(flat_grad, flat_y) if flat_y is not None else (grad * y).sum())
+            grad_w = torch.stack(dots).to(w.dtype)
         return (grad_w, grad if ctx.has_out else None,
                 *(grad * w[i] if ctx.needs_input_grad[2 + i] else None for i in range(len(ys))))
 

@@ -286,7 +286,8 @@ def test_mixed_op_weighted_sum_gradients(channels_last):
     from nas.search_network import MixedOp
 
     torch.manual_seed(0)
-    op_set = OpSet(("none", "skip_connect", "pib_conv_3x3", "dil_conv_3x3", "max_pool_3x3"), OpOptions("gelu", "bn", 2.0))
+    op_set = OpSet(("none", "skip_connect", "pib_conv_3x3", "dil_conv_3x3", "max_pool_3x3"),
+                   OpOptions("gelu", "bn", 2.0))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     mixed = MixedOp(op_set, 4, 1).double().to(memory_format=fmt)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
