@@ -38,8 +38,10 @@ def unrolled_weights(model: SearchNetwork, train: Batch, xi: float, momentum: fl
                      create_graph: bool = False) -> dict[str, torch.Tensor]:
     """w' = w - xi * (momentum * buf + grad_w L_train + wd * w): one SGD step as the weight optimiser takes it."""
     named = model.named_weights()
-    grads = torch.autograd.grad(_loss(model, *train), list(named.values()), create_graph=create_graph,
-                                **_UNUSED_OK)
+    # w' depends on alpha only through the exact hypergradient's graph (create_graph)
+    with contextlib.nullcontext() if create_graph else without_grad(model.arch_parameters()):
+        grads = torch.autograd.grad(_loss(model, *train), list(named.values()), create_graph=create_graph,
+                                    **_UNUSED_OK)
     out = {}
     for (name, w), g in zip(named.items(), grads):
         buf = momentum_buffers.get(name)
@@ -65,7 +67,7 @@ def second_order_alpha_grads(model: SearchNetwork, train: Batch, valid: Batch, x
         d_alpha, v = grads[:len(alphas)], grads[len(alphas):]
         eps = 0.01 / torch.cat([g.reshape(-1) for g in v]).norm()
         finite_difference = []
-        with _no_weight_grads(params):
+        with without_grad(params):
             for sign in (1.0, -1.0):
                 _load(params, (w_i + sign * eps * v_i for w_i, v_i in zip(w, v)))
                 with _context(autocast):
@@ -86,9 +88,13 @@ def _weights_restored(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]
 
 
 @contextlib.contextmanager
-def _no_weight_grads(params: list[torch.Tensor]) -> Iterator[None]:
-    """Weights that do not require grad for the block: custom autograd Functions (``nas.ops``) then skip
-    their weight gradients, which they would compute whenever a weight requires grad."""
+def without_grad(params: list[torch.Tensor]) -> Iterator[None]:
+    """``params`` do not require grad for the block (each gets its own flag back after it).
+
+    For passes that need no gradient of them: autograd Functions decide what to compute from
+    ``requires_grad``, not from what ``autograd.grad``/``backward(inputs=)`` asks for, so the custom
+    convs (``nas.ops``) would compute weight gradients, and the mixed ops alpha's dot products, for nothing.
+    """
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
@@ -108,7 +114,7 @@ def _load(params: list[torch.Tensor], values: Iterable[torch.Tensor]) -> None:
 def first_order_alpha_grads(model: SearchNetwork, valid: Batch,
                             autocast: Callable[[], ContextManager] | None = None) -> list[torch.Tensor]:
     """grad_a L_val(w, a): DARTS' first-order approximation (xi = 0)."""
-    with _context(autocast), _no_weight_grads(model.weights()):
+    with _context(autocast), without_grad(model.weights()):
         return list(torch.autograd.grad(_loss(model, *valid), model.arch_parameters(), **_UNUSED_OK))
 
 

@@ -10,6 +10,7 @@ network, batch and input; the figures printed are images/s, peak memory and thei
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import resource
@@ -242,13 +243,11 @@ def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
             a.grad = g
         arch_opt.step()
         opt.zero_grad(set_to_none=True)
-        if autocast:
-            with autocast():
-                logits = model(train[0])
-        else:
+        # research code's loss.backward() also fills alpha's .grad; the fast step leaves alpha out of the graph
+        with autocast() if autocast else contextlib.nullcontext(), \
+                architect.without_grad(model.arch_parameters()) if fast else contextlib.nullcontext():
             logits = model(train[0])
-        # research code's loss.backward() also fills alpha's .grad; the fast step asks for the weights' only
-        F.cross_entropy(logits.float(), train[1]).backward(inputs=model.weights() if fast else None)
+        F.cross_entropy(logits.float(), train[1]).backward()
         nn.utils.clip_grad_norm_(model.weights(), 5.0)
         opt.step()
 

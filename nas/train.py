@@ -215,11 +215,11 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
             arch_optimizer.step()
             # weight step
             optimizer.zero_grad(set_to_none=True)
-            with autocast():
+            with autocast(), architect.without_grad(model.arch_parameters()):  # alpha's gradient is not needed
                 logits = model(train[0]).float()
             loss = F.cross_entropy(logits, train[1])
             _check_finite(loss, epoch, step)
-            loss.backward(inputs=model.weights())  # alpha's gradient is not needed here
+            loss.backward()
             nn.utils.clip_grad_norm_(model.weights(), config.grad_clip)
             optimizer.step()
             n = len(train[1])

@@ -68,6 +68,22 @@ def test_weight_gradients_match(checkpoint_cells):
                                flat([a.grad for a in plain.arch_parameters()]))
 
 
+def test_weight_step_without_alpha_in_the_graph_gives_the_same_weight_gradients():
+    fast, _, ((x, y), _) = twins()
+    x = x.contiguous(memory_format=torch.channels_last)
+    alphas = fast.arch_parameters()
+    F.cross_entropy(fast(x), y).backward(inputs=fast.weights())  # alpha in the graph
+    with_alpha = flat([w.grad for w in fast.weights()])
+    fast.zero_grad(set_to_none=True)
+    alphas[1].requires_grad_(False)  # a frozen alpha stays frozen afterwards
+    with architect.without_grad(alphas):
+        assert not any(a.requires_grad for a in alphas)
+        loss = F.cross_entropy(fast(x), y)
+    loss.backward()
+    assert [a.requires_grad for a in alphas] == [True, False] and all(a.grad is None for a in alphas)
+    torch.testing.assert_close(flat([w.grad for w in fast.weights()]), with_alpha)
+
+
 def test_plain_network_has_only_research_code_modules():
     """The bench's baseline runs nn.Conv2d / nn.BatchNorm2d / DARTS' FactorizedReduce, never a CPU rewrite."""
     from nas.ops import (DepthwiseConv2d, FactorizedReduce, GroupedConv2d, LeanBatchNorm2d, PointwiseConv2d,
