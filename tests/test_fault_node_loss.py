@@ -1,5 +1,7 @@
 """Node loss on a simulated multi-node cluster: the trial moves on, continuing from its checkpoint."""
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ CLUSTER: dict = {}  # module global: the callback is pickled, the Cluster object
 
 
 class KillTrialNode(tune.Callback):
-    """Remove the node a trial runs on once it has reported epoch 3."""
+    """Remove the node a trial runs on once it has reported epoch 3, its processes dying with it."""
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("epoch") == 3 and not CLUSTER.get("killed"):
@@ -27,6 +29,12 @@ class KillTrialNode(tune.Callback):
                 if node.node_id == result["node_id"]:
                     CLUSTER["killed"] = node.node_id
                     CLUSTER["cluster"].remove_node(node, allow_graceful=False)
+                    # the trial's worker notices its raylet is gone only after a while, and a fast
+                    # trial would finish there first; on a real node loss it dies with the node
+                    try:
+                        os.kill(result["pid"], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
 
 
 @pytest.fixture
