@@ -364,8 +364,7 @@ def _memory_format_of(x: torch.Tensor) -> torch.memory_format:
 def pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A 1x1 conv (stride 1, no bias) with ``weight`` (C_out, C_in, 1, 1); a matrix product where ``x`` is
     channels_last on CPU (:class:`PointwiseConv2d`)."""
-    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last) \
-            or x.is_contiguous():
+    if x.device.type != "cpu" or x.dim() != 4 or _memory_format_of(x) != torch.channels_last:
         return F.conv2d(x, weight)
     return F.linear(x.permute(0, 2, 3, 1), weight.view(weight.shape[0], weight.shape[1])).permute(0, 3, 1, 2)
 
