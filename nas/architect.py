@@ -42,13 +42,22 @@ def unrolled_weights(model: SearchNetwork, train: Batch, xi: float, momentum: fl
     with contextlib.nullcontext() if create_graph else without_grad(model.arch_parameters()):
         grads = torch.autograd.grad(_loss(model, *train), list(named.values()), create_graph=create_graph,
                                     **_UNUSED_OK)
+    if not create_graph:  # the same arithmetic over all weights at once (foreach kernels), in place, detached
+        with torch.no_grad():
+            steps = torch._foreach_add(grads, list(named.values()), alpha=weight_decay)
+            buffered = [(s, momentum_buffers[n]) for n, s in zip(named, steps) if momentum_buffers.get(n) is not None]
+            if buffered:
+                torch._foreach_add_([s for s, _ in buffered], [b for _, b in buffered], alpha=momentum)
+            torch._foreach_mul_(steps, -xi)
+            torch._foreach_add_(steps, list(named.values()))
+        return dict(zip(named, steps))
     out = {}
     for (name, w), g in zip(named.items(), grads):
         buf = momentum_buffers.get(name)
         step = g + weight_decay * w
         if buf is not None:
             step = step + momentum * buf
-        out[name] = w - xi * step if create_graph else (w - xi * step).detach()
+        out[name] = w - xi * step
     return out
 
 
@@ -65,11 +74,15 @@ def second_order_alpha_grads(model: SearchNetwork, train: Batch, valid: Batch, x
         with _context(autocast):
             grads = torch.autograd.grad(_loss(model, *valid), alphas + params, **_UNUSED_OK)
         d_alpha, v = grads[:len(alphas)], grads[len(alphas):]
-        eps = 0.01 / torch.cat([g.reshape(-1) for g in v]).norm()
+        eps = 0.01 / torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
+        eps_v = torch._foreach_mul(v, eps)
+        del grads, v
         finite_difference = []
         with without_grad(params):
             for sign in (1.0, -1.0):
-                _load(params, (w_i + sign * eps * v_i for w_i, v_i in zip(w, v)))
+                with torch.no_grad():  # w +- eps * v
+                    torch._foreach_copy_(params, w)
+                    torch._foreach_add_(params, eps_v, alpha=sign)
                 with _context(autocast):
                     finite_difference.append(torch.autograd.grad(_loss(model, *train), alphas, **_UNUSED_OK))
     g_plus, g_minus = finite_difference
@@ -106,9 +119,11 @@ def without_grad(params: list[torch.Tensor]) -> Iterator[None]:
 
 
 def _load(params: list[torch.Tensor], values: Iterable[torch.Tensor]) -> None:
+    values = list(values)
+    if len(values) != len(params):
+        raise ValueError(f"{len(values)} values for {len(params)} parameters")
     with torch.no_grad():
-        for p, v in zip(params, values, strict=True):
-            p.copy_(v)
+        torch._foreach_copy_(params, values)
 
 
 def first_order_alpha_grads(model: SearchNetwork, valid: Batch,
