@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import resource
 import sys
 import time
@@ -186,17 +187,19 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(step, steps: int, batch: int, device: torch.device, base_rss_mb: float) -> dict[str, float]:
-    """One warm-up step, then ``steps`` timed ones: images/s and peak memory (RSS growth on CPU)."""
+    """One warm-up step, then ``steps`` timed ones: images/s, peak memory (RSS growth on CPU) and
+    ``cpu_busy``, the process's CPU seconds per wall second over the timed steps (how many cores it kept
+    busy; less than its threads when another process competed for the cores, see :func:`contended_rounds`)."""
     step(0)
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(1, steps + 1):
         step(i)
     _sync(device)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak = _peak_memory(device)
     return {"images_per_s": steps * batch / elapsed, "step_s": elapsed / steps, "peak_memory_mb": peak,
-            "step_memory_mb": peak - base_rss_mb if device.type == "cpu" else peak}
+            "step_memory_mb": peak - base_rss_mb if device.type == "cpu" else peak, "cpu_busy": cpu / elapsed}
 
 
 def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
@@ -315,6 +318,66 @@ def run_data_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
 
 RUNNERS = {"search": run_search_bench, "eval": run_eval_bench, "data": run_data_bench}
 
+# a side whose threads were busy less of the time than this had to share its cores with something else
+CONTENDED_BELOW = 0.85
+
+
+def usable_cores() -> set[int]:
+    """The cores this process may run on."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def busy_cores(cores: set[int], seconds: float = 0.5) -> float | None:
+    """How much of ``cores`` all the machine's processes kept busy over ``seconds``, in cores (time stolen
+    by the hypervisor counts as busy), from ``/proc/stat``; None where there is no ``/proc/stat``."""
+
+    def sample() -> tuple[int, int]:
+        total = idle = 0
+        with open("/proc/stat") as fh:
+            for line in fh:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+                    ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+                    total, idle = total + sum(ticks), idle + ticks[3] + ticks[4]
+        return total, idle
+
+    try:
+        total, idle = sample()
+        time.sleep(seconds)
+        total_after, idle_after = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total_after <= total:
+        return None
+    return (1.0 - (idle_after - idle) / (total_after - total)) * len(cores)
+
+
+def contention_warning(busy: float | None, cores: int, threads: int) -> str | None:
+    """A line for when ``threads`` torch threads would have to share ``cores`` with ``busy`` cores' worth
+    of other work. OpenMP threads that share a core wait on each other at every op: on this project's
+    2-core machine, one busy process made a 2-thread conv 18x slower (a 1-thread one was unaffected)."""
+    if busy is None or busy < 0.3:
+        return None
+    free = max(1, int(cores - busy))
+    if threads <= free:
+        return None
+    return (f"bench: warning: other processes keep {busy:.1f} of the {cores} cores this process may use busy, and {threads} "
+            f"torch threads sharing them wait on each other at every op, so the figures would be off: stop "
+            f"them, or pass --threads {free}")
+
+
+def contended_rounds(result: dict[str, Any], threads: int) -> list[str]:
+    """One line per round and side whose threads were busy less than :data:`CONTENDED_BELOW` of the time
+    (``cpu_busy``, CPU runs of the search and eval benches): something else took their cores."""
+    lines = []
+    for i, round_ in enumerate(result["rounds"], 1):
+        for side in ("fast", "plain"):
+            busy = round_[side].get("cpu_busy")
+            if busy is not None and busy < CONTENDED_BELOW * threads:
+                lines.append(f"bench: warning: round {i}, {side}: its {threads} threads kept only {busy:.2f} cores "
+                             f"busy; another process took the rest, so this round's figures are off")
+    return lines
+
 
 def _child(kind: str, fast: bool, args: dict[str, Any], queue: mp.Queue) -> None:
     torch.set_num_threads(args["threads"])
@@ -382,14 +445,21 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {ns.repeats}")
     print(f"bench {ns.kind}: {args}, {ns.repeats} round(s)", file=sys.stderr)
+    cores = usable_cores()
+    warning = contention_warning(busy_cores(cores), len(cores), args["threads"]) if ns.device == "cpu" else None
+    if warning:
+        print(warning, file=sys.stderr)
     result = bench(ns.kind, ns.repeats, **args)
+    for line in contended_rounds(result, args["threads"]) if ns.device == "cpu" else []:
+        print(line, file=sys.stderr)
     if ns.json:
         print(json.dumps(result))
         return 0
     for side in ("fast", "plain"):
         r = result[side]
+        busy = f"  cpu {r['cpu_busy']:.2f} cores" if "cpu_busy" in r else ""
         print(f"{side:>5}: {r['images_per_s']:9.1f} images/s  {r['step_s'] * 1e3:8.1f} ms/step  "
-              f"peak {r['peak_memory_mb']:8.1f} MB  (step {r['step_memory_mb']:.1f} MB)")
+              f"peak {r['peak_memory_mb']:8.1f} MB  (step {r['step_memory_mb']:.1f} MB){busy}")
     mem = f"{result['memory_ratio']:.2f}x" if result["memory_ratio"] is not None else "n/a"
     if ns.repeats > 1:
         per_round = ", ".join(f"{r['speedup']:.2f}x" for r in result["rounds"])

@@ -1,15 +1,17 @@
 """The fast step computes the same thing as the plain research-code step (gradients of weights and alpha)."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nas import architect
-from nas.bench import PlainArchitect, plain_network
+from nas.bench import PlainArchitect, busy_cores, contended_rounds, contention_warning, plain_network
 from nas.ops import OpOptions
 from nas.opsets import OpSet
 from nas.search_network import SearchNetwork
@@ -187,6 +189,8 @@ def test_bench_cli_json_smoke():
     assert set(out) >= {"fast", "plain", "speedup", "memory_ratio"}
     assert out["fast"]["images_per_s"] > 0 and out["plain"]["images_per_s"] > 0
     assert out["speedup"] == pytest.approx(out["fast"]["images_per_s"] / out["plain"]["images_per_s"])
+    for side in ("fast", "plain"):  # CPU seconds per wall second of the timed steps: within the threads' share
+        assert 0 < out[side]["cpu_busy"] <= out["config"]["threads"] + 0.1
 
 
 def test_bench_repeats_alternate_sides_and_report_medians():
@@ -203,3 +207,36 @@ def test_bench_repeats_alternate_sides_and_report_medians():
     bad = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "data", "--repeats", "0"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "--repeats must be at least 1" in bad.stderr
+
+
+def test_contention_warning_names_the_busy_cores_and_the_thread_count_that_fits():
+    line = contention_warning(1.0, 2, 2)
+    assert line is not None and "1.0 of the 2 cores" in line and "--threads 1" in line
+    assert contention_warning(1.0, 2, 1) is None  # one thread fits beside the other process
+    assert contention_warning(0.1, 2, 2) is None  # an idle machine
+    assert contention_warning(None, 2, 2) is None  # no /proc/stat
+    assert "--threads 13" in contention_warning(2.5, 16, 16)
+
+
+def test_contended_rounds_flags_each_side_whose_threads_lost_their_cores():
+    result = {"rounds": [{"fast": {"cpu_busy": 1.96}, "plain": {"cpu_busy": 1.97}},
+                         {"fast": {"cpu_busy": 1.31}, "plain": {"cpu_busy": 1.95}},
+                         {"fast": {"images_per_s": 1.0}, "plain": {"images_per_s": 1.0}}]}  # data bench: no figure
+    lines = contended_rounds(result, 2)
+    assert len(lines) == 1 and "round 2, fast" in lines[0] and "1.31 cores" in lines[0]
+    assert contended_rounds(result, 1) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat")
+def test_busy_cores_sees_a_spinning_process():
+    cores = set(sorted(os.sched_getaffinity(0))[:1])
+    spinner = subprocess.Popen([sys.executable, "-c", "import os, time\n"
+                                f"os.sched_setaffinity(0, {cores!r})\n"
+                                "t = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.5)
+        busy = busy_cores(cores, 0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and 0.7 <= busy <= 1.0
