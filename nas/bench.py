@@ -361,9 +361,9 @@ def contention_warning(busy: float | None, cores: int, threads: int) -> str | No
     free = max(1, int(cores - busy))
     if threads <= free:
         return None
-    return (f"bench: warning: other processes keep {busy:.1f} of the {cores} cores this process may use busy, and {threads} "
-            f"torch threads sharing them wait on each other at every op, so the figures would be off: stop "
-            f"them, or pass --threads {free}")
+    return (f"bench: warning: other processes keep {busy:.1f} of the {cores} cores this process may use busy, "
+            f"and {threads} torch threads sharing them wait on each other at every op, so the figures would be "
+            f"off: stop them, or pass --threads {free}")
 
 
 def contended_rounds(result: dict[str, Any], threads: int) -> list[str]:
