@@ -389,6 +389,13 @@ def pointwise_conv(c_in: int, c_out: int) -> nn.Conv2d:
     return PointwiseConv2d(c_in, c_out, 1, bias=False)
 
 
+def _cpu_rewrite(x: torch.Tensor) -> bool:
+    """Whether the CPU rewrites of the convs apply: CPU input outside autocast. (Autocast casts inside a
+    custom Function's forward but not in its backward, which would then mix bf16 gradients with float32
+    weights; under autocast the native convs run, as on other devices.)"""
+    return x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
+
 class GroupedConv2d(nn.Conv2d):
     """``nn.Conv2d`` with groups, computed on CPU as a depthwise conv plus a per-group sum.
 
@@ -398,7 +405,7 @@ class GroupedConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or self.in_channels == self.groups or self.padding_mode != "zeros" \
+        if not _cpu_rewrite(x) or self.in_channels == self.groups or self.padding_mode != "zeros" \
                 or self.bias is not None or isinstance(self.padding, str):
             return super().forward(x)
         return _DepthwiseThenGroupSum.apply(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
@@ -418,7 +425,7 @@ class DepthwiseConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or self.bias is not None or self.padding_mode != "zeros" \
+        if not _cpu_rewrite(x) or self.bias is not None or self.padding_mode != "zeros" \
                 or isinstance(self.padding, str) or not self.in_channels == self.out_channels == self.groups:
             return super().forward(x)
         k = self.kernel_size

@@ -1,5 +1,6 @@
 import io
 import json
+import math
 import subprocess
 import sys
 
@@ -202,3 +203,23 @@ def test_cli_complexity_json_and_search_then_train(tmp_path):
     again = run_cli("search", "--dataset", "digits", "--out", str(search_out))
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert len((search_out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("phase", ["search", "eval"])
+def test_amp_on_cpu_trains_like_float32(digits, phase):
+    """``amp: true`` on CPU (bf16 autocast): the CPU conv rewrites are custom autograd Functions, and
+    autocast casts in their forward but not in their backward, where the weight step's bf16 gradients met
+    float32 weights; under autocast the native convs run. PIBConv's 5x5/7x7 and grouped convs included."""
+    losses = {}
+    for amp in (False, True):
+        if phase == "search":
+            cfg = SearchConfig(op_set="pibconv", dataset="digits", channels=4, layers=2, nodes=2, batch_size=16,
+                               max_steps_per_epoch=2, epochs=1, order=2, amp=amp)
+            history = run_search(cfg, data=digits).history
+        else:
+            cfg = EvalConfig(genotype="PIBCONV", dataset="digits", channels=4, layers=2, epochs=1, batch_size=32,
+                             max_steps_per_epoch=3, amp=amp)
+            history = run_eval(cfg, data=digits).history
+        losses[amp] = history[-1]["train_loss"]
+    assert math.isfinite(losses[True])
+    assert losses[True] == pytest.approx(losses[False], rel=0.01)  # 1e-4 apart here
