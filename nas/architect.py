@@ -38,18 +38,18 @@ def unrolled_weights(model: SearchNetwork, train: Batch, xi: float, momentum: fl
                      create_graph: bool = False) -> dict[str, torch.Tensor]:
     """w' = w - xi * (momentum * buf + grad_w L_train + wd * w): one SGD step as the weight optimiser takes it."""
     named = model.named_weights()
+    weights = list(named.values())
     # w' depends on alpha only through the exact hypergradient's graph (create_graph)
     with contextlib.nullcontext() if create_graph else without_grad(model.arch_parameters()):
-        grads = torch.autograd.grad(_loss(model, *train), list(named.values()), create_graph=create_graph,
-                                    **_UNUSED_OK)
+        grads = torch.autograd.grad(_loss(model, *train), weights, create_graph=create_graph, **_UNUSED_OK)
     if not create_graph:  # the same arithmetic over all weights at once (foreach kernels), in place, detached
         with torch.no_grad():
-            steps = torch._foreach_add(grads, list(named.values()), alpha=weight_decay)
+            steps = torch._foreach_add(grads, weights, alpha=weight_decay)
             buffered = [(s, momentum_buffers[n]) for n, s in zip(named, steps) if momentum_buffers.get(n) is not None]
             if buffered:
                 torch._foreach_add_([s for s, _ in buffered], [b for _, b in buffered], alpha=momentum)
             torch._foreach_mul_(steps, -xi)
-            torch._foreach_add_(steps, list(named.values()))
+            torch._foreach_add_(steps, weights)
         return dict(zip(named, steps))
     out = {}
     for (name, w), g in zip(named.items(), grads):
@@ -80,8 +80,8 @@ def second_order_alpha_grads(model: SearchNetwork, train: Batch, valid: Batch, x
         finite_difference = []
         with without_grad(params):
             for sign in (1.0, -1.0):
+                _load(params, w)
                 with torch.no_grad():  # w +- eps * v
-                    torch._foreach_copy_(params, w)
                     torch._foreach_add_(params, eps_v, alpha=sign)
                 with _context(autocast):
                     finite_difference.append(torch.autograd.grad(_loss(model, *train), alphas, **_UNUSED_OK))

@@ -31,7 +31,7 @@ from nas.genotypes import PIBCONV
 from nas.ops import POOLING, build_op, reference_modules
 from nas.opsets import OP_SETS, OpSet
 from nas.search_network import SearchNetwork
-from nas.train import eval_loss, keep_freed_memory
+from nas.train import autocast_factory, eval_loss, keep_freed_memory
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -217,7 +217,7 @@ def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     model = model.to(device).to(memory_format=fmt)
     opt = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
     arch_opt = torch.optim.Adam(model.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast and args["amp"] else None
+    autocast = autocast_factory(fast and args["amp"], device)
     plain = None if fast else PlainArchitect(
         model, lambda: plain_network(op_set, args["C"], args["layers"]).to(device), 0.9, 3e-4)
     data = _device_data(images, labels, device)
@@ -247,8 +247,7 @@ def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
         arch_opt.step()
         opt.zero_grad(set_to_none=True)
         # research code's loss.backward() also fills alpha's .grad; the fast step leaves alpha out of the graph
-        with autocast() if autocast else contextlib.nullcontext(), \
-                architect.without_grad(model.arch_parameters()) if fast else contextlib.nullcontext():
+        with autocast(), architect.without_grad(model.arch_parameters()) if fast else contextlib.nullcontext():
             logits = model(train[0])
         F.cross_entropy(logits.float(), train[1]).backward()
         nn.utils.clip_grad_norm_(model.weights(), 5.0)
@@ -269,8 +268,7 @@ def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     model.drop_path_prob = 0.2
     model.train()
     opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast and args["amp"] else \
-        __import__("contextlib").nullcontext
+    autocast = autocast_factory(fast and args["amp"], device)
     data = _device_data(images, labels, device)
     gen = torch.Generator(device=device).manual_seed(0)
     loader = None if fast else iter(plain_loader(images, labels, batch, cutout=16))
