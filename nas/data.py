@@ -9,6 +9,7 @@ bundled 8x8 digits (no download), for smoke runs and tests.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -171,9 +172,16 @@ def cutout(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Te
     return x * keep[:, None].to(x.dtype)
 
 
+@lru_cache(maxsize=16)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) as (1, C, 1, 1) tensors on ``device``, made once: a tensor made from a tuple on a GPU is a
+    blocking copy, which would make every batch wait for the GPU to finish the previous step."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
+
+
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.device)
     return (x.float() / 255.0 - m) / s
 
 

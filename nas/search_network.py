@@ -22,6 +22,8 @@ class MixedOp(nn.Module):
     def __init__(self, op_set: OpSet, channels: int, stride: int) -> None:
         super().__init__()
         self.index = [i for i, name in enumerate(op_set.primitives) if name != "none"]
+        # on the weights' device already: indexing with a list copies it there, and waits, every call
+        self.register_buffer("op_index", torch.tensor(self.index), persistent=False)
         ops = []
         for i in self.index:
             name = op_set.primitives[i]
@@ -49,7 +51,7 @@ class MixedOp(nn.Module):
                 for module in tail:
                     y = module(y)
             outputs.append(y)
-        return _WeightedSum.apply(weights[self.index], out, *outputs)
+        return _WeightedSum.apply(weights.index_select(0, self.op_index), out, *outputs)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor | None:

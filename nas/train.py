@@ -93,10 +93,40 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise DivergenceError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                              "lower the learning rate or check the data")
+# Steps between reads of the running loss (a host-device sync; see _EpochTotals).
+CHECK_EVERY = 50
+
+
+class _EpochTotals:
+    """An epoch's running loss sum and correct count, kept on the device.
+
+    Reading a loss back every step (``loss.item()``) makes the host wait for the GPU to drain, so the GPU
+    then idles while the next step's kernels are launched; that is most of a small network's step. The
+    totals are read, and checked for divergence, every :data:`CHECK_EVERY` steps and at the epoch's end.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = self.checked = 0  # images so far; steps whose losses were checked
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, epoch: int, step: int,
+            last: bool) -> None:
+        n = len(targets)
+        self.loss_sum += loss.detach() * n
+        self.correct += (logits.detach().argmax(1) == targets).sum()
+        self.seen += n
+        if last or (step + 1) % CHECK_EVERY == 0:
+            total = self.loss_sum.item()
+            if not math.isfinite(total):
+                raise DivergenceError(f"loss became {total} at epoch {epoch + 1} (steps {self.checked + 1}-"
+                                      f"{step + 1}); lower the learning rate or check the data")
+            self.checked = step + 1
+
+    def means(self) -> tuple[float, float]:
+        """(mean loss, top-1 accuracy in %) over the images seen."""
+        seen = max(self.seen, 1)
+        return self.loss_sum.item() / seen, 100.0 * self.correct.item() / seen
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
@@ -110,17 +140,18 @@ def evaluate(model: nn.Module, data: ImageData, x: torch.Tensor, y: torch.Tensor
     """(mean cross-entropy, top-1 accuracy in %) of ``model`` in eval mode on (x, y)."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
     for idx in batch_indices(len(y), batch_size, None, x.device, drop_last=False):
         inputs = make_batch(data, x[idx], augment=False, generator=None, memory_format=memory_format)
         with autocast():
             out = model(inputs)
         logits = (out[0] if isinstance(out, tuple) else out).float()
-        loss_sum += F.cross_entropy(logits, y[idx], reduction="sum").item()
-        correct += (logits.argmax(1) == y[idx]).sum().item()
+        loss_sum += F.cross_entropy(logits, y[idx], reduction="sum")  # read back once, at the end
+        correct += (logits.argmax(1) == y[idx]).sum()
     model.train(was_training)
     n = max(1, len(y))
-    return loss_sum / n, 100.0 * correct / n
+    return loss_sum.item() / n, 100.0 * correct.item() / n
 
 
 def _seeded_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -197,7 +228,7 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
         a_batches = list(batch_indices(len(y_a), config.batch_size, gen, dev, drop_last=True))
         steps = len(w_batches) if config.max_steps_per_epoch is None else min(len(w_batches),
                                                                               config.max_steps_per_epoch)
-        loss_sum = correct = seen = 0.0
+        totals = _EpochTotals(dev)
         for step in range(steps):
             bw, ba = w_batches[step], a_batches[step % len(a_batches)]
             train = (make_batch(data, x_w[bw], augment=True, generator=gen, memory_format=fmt), y_w[bw])
@@ -218,14 +249,10 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
             with autocast(), architect.without_grad(model.arch_parameters()):  # alpha's gradient is not needed
                 logits = model(train[0]).float()
             loss = F.cross_entropy(logits, train[1])
-            _check_finite(loss, epoch, step)
             loss.backward()
             nn.utils.clip_grad_norm_(model.weights(), config.grad_clip)
             optimizer.step()
-            n = len(train[1])
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == train[1]).sum().item()
-            seen += n
+            totals.add(loss, logits, train[1], epoch, step, last=step + 1 == steps)
             if on_step is not None:
                 on_step(step + 1, steps)
         scheduler.step()
@@ -236,13 +263,13 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
         w_reduce = F.softmax(model.alpha_reduce.detach().float(), -1)
         elapsed = time.perf_counter() - start
         state.epoch += 1
+        train_loss, train_acc = totals.means()
         metrics = {
-            "epoch": state.epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1),
-            "train_acc": 100.0 * correct / max(seen, 1), "valid_loss": valid_loss, "valid_acc": valid_acc,
+            "epoch": state.epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "valid_loss": valid_loss, "valid_acc": valid_acc,
             "alpha_entropy_normal": alpha_entropy(w_normal), "alpha_entropy_reduce": alpha_entropy(w_reduce),
             "genotype": model.genotype().to_dict(), "alpha_normal": w_normal.tolist(),
             "alpha_reduce": w_reduce.tolist(), "primitives": list(model.op_set.primitives),
-            "epoch_time_s": elapsed, "images_per_s": seen / elapsed if elapsed > 0 else 0.0,
+            "epoch_time_s": elapsed, "images_per_s": totals.seen / elapsed if elapsed > 0 else 0.0,
         }
         state.history.append(metrics)
         if on_epoch is not None:
@@ -319,20 +346,17 @@ def run_eval(config: EvalConfig, *, data: ImageData | None = None, device: str |
         batches = list(batch_indices(len(data.train_y), config.batch_size, gen, dev, drop_last=True))
         if config.max_steps_per_epoch is not None:
             batches = batches[:config.max_steps_per_epoch]
-        loss_sum = correct = seen = 0.0
+        totals = _EpochTotals(dev)
         for step, idx in enumerate(batches):
             inputs = make_batch(data, data.train_x[idx], augment=True, generator=gen, cutout_length=cutout_length,
                                 memory_format=fmt)
             targets = data.train_y[idx]
             optimizer.zero_grad(set_to_none=True)
             loss, logits = eval_loss(model, inputs, targets, config.auxiliary_weight, autocast)
-            _check_finite(loss, epoch, step)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            loss_sum += loss.item() * len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
-            seen += len(targets)
+            totals.add(loss, logits, targets, epoch, step, last=step + 1 == len(batches))
             if on_step is not None:
                 on_step(step + 1, len(batches))
         scheduler.step()
@@ -341,10 +365,11 @@ def run_eval(config: EvalConfig, *, data: ImageData | None = None, device: str |
         elapsed = time.perf_counter() - start
         state.epoch += 1
         best = max([h["test_acc"] for h in state.history] + [test_acc])
+        train_loss, train_acc = totals.means()
         metrics = {"epoch": state.epoch, "lr": lr, "drop_path_prob": model.drop_path_prob,
-                   "train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
+                   "train_loss": train_loss, "train_acc": train_acc,
                    "test_loss": test_loss, "test_acc": test_acc, "best_test_acc": best,
-                   "epoch_time_s": elapsed, "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
+                   "epoch_time_s": elapsed, "images_per_s": totals.seen / elapsed if elapsed > 0 else 0.0}
         state.history.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics, make_checkpoint)

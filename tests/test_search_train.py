@@ -223,3 +223,67 @@ def test_amp_on_cpu_trains_like_float32(digits, phase):
         losses[amp] = history[-1]["train_loss"]
     assert math.isfinite(losses[True])
     assert losses[True] == pytest.approx(losses[False], rel=0.01)  # 1e-4 apart here
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda_config(phase, **kw):
+    if phase == "search":
+        return SearchConfig(**{"op_set": "pibconv", "dataset": "digits", "channels": 4, "layers": 3, "nodes": 2,
+                               "batch_size": 16, "epochs": 2, "max_steps_per_epoch": 6, **kw})
+    return EvalConfig(**{"genotype": "PIBCONV", "dataset": "digits", "channels": 8, "layers": 3, "epochs": 2,
+                         "batch_size": 32, "max_steps_per_epoch": 6, **kw})
+
+
+@needs_cuda
+@pytest.mark.parametrize("phase", ["search", "eval"])
+def test_cuda_resume_equals_uninterrupted(digits, phase, monkeypatch):
+    """On CUDA with its defaults (bf16 autocast, channels_last, data and augmentation on the GPU, a CUDA
+    generator whose state the checkpoint carries)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    run = run_search if phase == "search" else run_eval
+    cfg = _cuda_config(phase)
+    full = run(cfg, data=digits, device="cuda")
+    saved = io.BytesIO()
+
+    def keep_epoch_1(metrics, make_checkpoint):
+        if metrics["epoch"] == 1:
+            torch.save(make_checkpoint(), saved)
+
+    run(cfg, data=digits, device="cuda", on_epoch=keep_epoch_1)
+    saved.seek(0)
+    resumed = run(cfg, data=digits, device="cuda", resume=torch.load(saved, weights_only=True))
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for key in ("train_loss", "train_acc"):
+        assert math.isfinite(full.history[-1][key])
+        assert resumed.history[-1][key] == pytest.approx(full.history[-1][key], rel=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("phase", ["search", "eval"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_cuda_training_steps_never_wait_on_the_gpu(digits, phase, order):
+    """No host-device sync inside an epoch's steps (a ``.item()`` per step idles the GPU while the next step
+    is launched): steps 2 to 5 run under CUDA's sync debug mode set to raise."""
+    if phase == "eval" and order == 2:
+        pytest.skip("order is a search setting")
+    cfg = _cuda_config(phase, epochs=1, **({"order": order} if phase == "search" else {}))
+
+    def on_step(step, steps):
+        torch.cuda.set_sync_debug_mode("error" if 1 <= step < steps - 1 else "default")
+
+    try:
+        history = (run_search if phase == "search" else run_eval)(cfg, data=digits, device="cuda",
+                                                                  on_step=on_step).history
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(history[-1]["train_loss"])
+
+
+def test_divergence_names_the_steps_it_happened_in(digits):
+    cfg = EvalConfig(genotype="DARTS_V2", dataset="digits", channels=4, layers=1, epochs=1, lr=1e30,
+                     max_steps_per_epoch=7, grad_clip=1e30)
+    with pytest.raises(DivergenceError, match=r"loss became nan at epoch 1 \(steps 1-7\)"):
+        run_eval(cfg, data=digits)
