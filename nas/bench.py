@@ -16,8 +16,9 @@ import multiprocessing as mp
 import os
 import resource
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -186,20 +187,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def sampled_gpu_busy(device: torch.device, every_s: float = 0.1) -> Iterator[list[float]]:
+    """Samples, while the block runs, the fraction of time the GPU was running a kernel (NVML's
+    utilisation, what ``nvidia-smi`` shows as GPU-Util) into the list it yields. Empty off CUDA or
+    without NVML (``pip install nvidia-ml-py``). NVML averages over its own window (1/6 to 1 s), so
+    samples from the first second, which still see what ran before the block, are dropped."""
+    samples: list[float] = []
+    try:
+        usable = device.type == "cuda" and torch.cuda.utilization(device) >= 0
+    except Exception:  # noqa: BLE001 - no NVML: no figure, not an error
+        usable = False
+    if not usable:
+        yield samples
+        return
+    stop, start = threading.Event(), time.perf_counter()
+
+    def sample() -> None:
+        while not stop.wait(every_s):
+            if time.perf_counter() - start >= 1.0:
+                samples.append(torch.cuda.utilization(device) / 100.0)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _timed(step, steps: int, batch: int, device: torch.device, base_rss_mb: float) -> dict[str, float]:
-    """One warm-up step, then ``steps`` timed ones: images/s, peak memory (RSS growth on CPU) and
+    """One warm-up step, then ``steps`` timed ones: images/s, peak memory (RSS growth on CPU),
     ``cpu_busy``, the process's CPU seconds per wall second over the timed steps (how many cores it kept
-    busy; less than its threads when another process competed for the cores, see :func:`contended_rounds`)."""
+    busy; less than its threads when another process competed for the cores, see :func:`contended_rounds`),
+    and on CUDA ``gpu_busy`` (:func:`sampled_gpu_busy`; needs a few seconds of steps to mean much)."""
     step(0)
     _sync(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for i in range(1, steps + 1):
-        step(i)
-    _sync(device)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    with sampled_gpu_busy(device) as gpu_samples:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for i in range(1, steps + 1):
+            step(i)
+        _sync(device)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak = _peak_memory(device)
-    return {"images_per_s": steps * batch / elapsed, "step_s": elapsed / steps, "peak_memory_mb": peak,
-            "step_memory_mb": peak - base_rss_mb if device.type == "cpu" else peak, "cpu_busy": cpu / elapsed}
+    result = {"images_per_s": steps * batch / elapsed, "step_s": elapsed / steps, "peak_memory_mb": peak,
+              "step_memory_mb": peak - base_rss_mb if device.type == "cpu" else peak, "cpu_busy": cpu / elapsed}
+    if gpu_samples:
+        result["gpu_busy"] = float(np.mean(gpu_samples))
+    return result
 
 
 def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
@@ -256,13 +292,12 @@ def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     return _timed(step, args["steps"], batch, device, base)
 
 
-def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
+def _eval_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: np.ndarray):
+    """The evaluation network's training step (fast or plain) over ``images``; step(i) trains on batch i."""
     torch.manual_seed(0)
     device = torch.device(args["device"])
-    size, batch = args["size"], args["batch"]
-    images, labels = _synthetic(batch * (args["steps"] + 1), size)
+    batch = args["batch"]
     fmt = torch.channels_last if fast and args["channels_last"] else torch.contiguous_format
-    base = _current_rss_mb()
     model = EvalNetwork(PIBCONV, args["C"], args["layers"], 10, 3, auxiliary=True)
     model = (model if fast else reference_modules(model)).to(device).to(memory_format=fmt)
     model.drop_path_prob = 0.2
@@ -273,9 +308,11 @@ def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     gen = torch.Generator(device=device).manual_seed(0)
     loader = None if fast else iter(plain_loader(images, labels, batch, cutout=16))
 
+    batches = len(labels) // batch
+
     def step(i: int) -> None:
         if fast:
-            idx = torch.arange(i * batch, (i + 1) * batch, device=device)
+            idx = torch.arange(i % batches * batch, (i % batches + 1) * batch, device=device)
             x = make_batch(data, data.train_x[idx], augment=True, generator=gen, cutout_length=16,
                            memory_format=fmt)
             y = data.train_y[idx]
@@ -288,7 +325,14 @@ def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
 
-    return _timed(step, args["steps"], batch, device, base)
+    return step
+
+
+def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
+    base = _current_rss_mb()
+    images, labels = _synthetic(args["batch"] * (args["steps"] + 1), args["size"])
+    step = _eval_step(fast, args, images, labels)
+    return _timed(step, args["steps"], args["batch"], torch.device(args["device"]), base)
 
 
 def run_data_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
@@ -299,6 +343,8 @@ def run_data_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     if fast:
         data = _device_data(images, labels, device)
         gen = torch.Generator(device=device).manual_seed(0)
+        make_batch(data, data.train_x[:args["batch"]], augment=True, generator=gen, cutout_length=16)  # warm-up:
+        _sync(device)  # CUDA loads each kernel on its first call
         start = time.perf_counter()
         for i in range(20):
             idx = torch.arange(i * args["batch"], (i + 1) * args["batch"], device=device)
@@ -315,6 +361,87 @@ def run_data_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
 
 
 RUNNERS = {"search": run_search_bench, "eval": run_eval_bench, "data": run_data_bench}
+
+
+# ------------------------------------------------------------------------------ trials sharing one device
+
+def _pack_child(args: dict[str, Any], ready: mp.Queue, go: Any, results: mp.Queue) -> None:
+    """One evaluation trial's training steps (the fast side of ``bench eval``): warm up, report ready, wait
+    for the common start, then train for ``args['seconds']``."""
+    torch.set_num_threads(args["threads"])
+    try:
+        device = torch.device(args["device"])
+        if device.type == "cpu" and args["keep_memory"]:
+            keep_freed_memory()
+        step = _eval_step(True, args, *_synthetic(args["batch"] * 16, args["size"]))
+        for i in range(3):
+            step(i)
+        _sync(device)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        ready.put(f"{type(exc).__name__}: {exc}")
+        return
+    ready.put(None)
+    go.wait()
+    try:
+        start, steps = time.perf_counter(), 0
+        while time.perf_counter() - start < args["seconds"]:
+            step(steps)
+            steps += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        results.put(("ok", {"images_per_s": steps * args["batch"] / elapsed, "steps": steps,
+                            "peak_memory_mb": _peak_memory(device)}))
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory with too many trials on the GPU
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def run_trials_together(trials: int, args: dict[str, Any]) -> dict[str, Any]:
+    """``trials`` evaluation trials training at once on one device, each in its own process (as Ray runs
+    trials with ``gpu: 1/trials``): their summed images/s, each one's, and the device's busy fraction."""
+    ctx = mp.get_context("spawn")
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_pack_child, args=(args, ready, go, results)) for _ in range(trials)]
+    for proc in procs:
+        proc.start()
+    try:
+        errors = [e for e in (ready.get(timeout=600) for _ in procs) if e is not None]
+        if errors:
+            raise RuntimeError(f"{trials} trials at once: {errors[0]}")
+        with sampled_gpu_busy(torch.device(args["device"])) as gpu_samples:
+            go.set()
+            outcomes = [results.get(timeout=args["seconds"] + 600) for _ in procs]
+        errors = [payload for status, payload in outcomes if status != "ok"]
+        if errors:
+            raise RuntimeError(f"{trials} trials at once: {errors[0]}")
+        each = [payload for _, payload in outcomes]
+    finally:
+        go.set()
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    total = sum(r["images_per_s"] for r in each)
+    return {"trials": trials, "images_per_s": total, "per_trial_images_per_s": total / trials,
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in each),
+            "gpu_busy": float(np.mean(gpu_samples)) if gpu_samples else None, "threads": args["threads"]}
+
+
+def pack_bench(trial_counts: list[int], **args: Any) -> dict[str, Any]:
+    """For each count in ``trial_counts``: that many trials at once on one device. ``gain`` is the summed
+    images/s over one trial's, which is the factor on trials finished per hour per device;
+    ``recommended_trials`` the fewest that reach 90 % of the best summed throughput (``gpu: 1/n``)."""
+    cores = len(usable_cores())
+    rows = []
+    for n in trial_counts:
+        threads = args.get("threads") or max(1, cores // n)
+        print(f"bench pack: {n} trial(s) at once, {threads} thread(s) each, {args['seconds']} s", file=sys.stderr)
+        rows.append(run_trials_together(n, {**args, "threads": threads}))
+    one = next((r["images_per_s"] for r in rows if r["trials"] == 1), None)
+    for r in rows:
+        r["gain"] = r["images_per_s"] / one if one else None
+    best = max(r["images_per_s"] for r in rows)
+    recommended = min(r["trials"] for r in rows if r["images_per_s"] >= 0.9 * best)
+    return {"rows": rows, "recommended_trials": recommended, "config": {"kind": "pack", **args}}
 
 # a side whose threads were busy less of the time than this had to share its cores with something else
 CONTENDED_BELOW = 0.85
@@ -426,7 +553,32 @@ def bench(kind: str, repeats: int = 1, **args: Any) -> dict[str, Any]:
 
 
 DEFAULTS = {"search": {"C": 16, "layers": 5, "batch": 16}, "eval": {"C": 36, "layers": 10, "batch": 32},
-            "data": {"C": 0, "layers": 0, "batch": 96}}
+            "data": {"C": 0, "layers": 0, "batch": 96}, "pack": {"C": 36, "layers": 2, "batch": 96}}
+
+
+def _trial_counts(text: str) -> list[int]:
+    from nas.errors import ConfigError
+
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--trials takes trial counts such as 1,2,4,8; got {text!r}")
+    return sorted(set(counts))
+
+
+def _print_pack(result: dict[str, Any]) -> None:
+    print(f"{'trials':>6} {'images/s':>10} {'per trial':>10} {'gain':>6} {'peak MB':>9} {'gpu busy':>9}")
+    for r in result["rows"]:
+        gain = f"{r['gain']:.2f}x" if r["gain"] is not None else "n/a"
+        busy = f"{r['gpu_busy']:.0%}" if r["gpu_busy"] is not None else "n/a"
+        print(f"{r['trials']:>6} {r['images_per_s']:>10.1f} {r['per_trial_images_per_s']:>10.1f} {gain:>6} "
+              f"{r['peak_memory_mb']:>9.0f} {busy:>9}")
+    n = result["recommended_trials"]
+    share = f"resources: {{gpu: {1 / n:.3g}}}" if result["config"]["device"] == "cuda" else f"{n} CPU trials at once"
+    print(f"fewest trials within 90 % of the best throughput: {n} ({share}); "
+          "gain = trials finished per hour, against one trial per device")
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
@@ -435,6 +587,16 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if ns.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available here; use --device cpu")
     d = DEFAULTS[ns.kind]
+    if ns.kind == "pack":
+        counts = _trial_counts(ns.trials)
+        if ns.seconds <= 0:
+            raise ConfigError(f"--seconds must be positive, got {ns.seconds}")
+        result = pack_bench(counts, C=ns.C or d["C"], layers=ns.layers or d["layers"], batch=ns.batch or d["batch"],
+                            size=ns.size, device=ns.device, seconds=ns.seconds, channels_last=not ns.no_channels_last,
+                            keep_memory=not ns.no_keep_memory, amp=ns.device == "cuda" and not ns.no_amp,
+                            threads=ns.threads)
+        print(json.dumps(result)) if ns.json else _print_pack(result)
+        return 0
     args = {"C": ns.C or d["C"], "layers": ns.layers or d["layers"], "batch": ns.batch or d["batch"],
             "size": ns.size, "steps": ns.steps, "order": ns.order, "device": ns.device,
             "channels_last": not ns.no_channels_last, "checkpoint_cells": ns.checkpoint_cells,
@@ -469,7 +631,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="fast vs plain (research-code) step: images/s, peak memory, ratios")
-    p.add_argument("kind", choices=("search", "eval", "data"))
+    p.add_argument("kind", choices=("search", "eval", "data", "pack"),
+                   help="pack: evaluation trials training at once on one device (fractional GPUs)")
     p.add_argument("--order", type=int, choices=(1, 2), default=2)
     p.add_argument("--C", type=int, help="channels (search 16, eval 36)")
     p.add_argument("--layers", type=int, help="cells (search 5, eval 10)")
@@ -485,5 +648,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-keep-memory", action="store_true",
                    help="CPU: fast side with glibc's default malloc trimming (see nas.train.keep_freed_memory)")
     p.add_argument("--no-amp", action="store_true", help="CUDA: fast side in float32")
+    p.add_argument("--trials", default="1,2,4,8", help="pack: trial counts to run at once (default 1,2,4,8)")
+    p.add_argument("--seconds", type=float, default=20.0, help="pack: seconds each count trains (default 20)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from nas import architect
-from nas.bench import PlainArchitect, busy_cores, contended_rounds, contention_warning, plain_network
+from nas.bench import (PlainArchitect, busy_cores, contended_rounds, contention_warning, plain_network,
+                       sampled_gpu_busy)
 from nas.ops import OpOptions
 from nas.opsets import OpSet
 from nas.search_network import SearchNetwork
@@ -20,6 +21,8 @@ from nas.train import autocast_factory
 # two ops that open with the activation (they share act(x) in the fast MixedOp) and PIBConv's grouped conv
 OPS = OpSet(("none", "skip_connect", "pib_conv_3x3", "dil_conv_3x3", "conv_7x1_1x7", "avg_pool_3x3", "max_pool_3x3"),
             OpOptions("gelu", "bn", 2.0))
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 def twins(checkpoint_cells=False):
@@ -54,8 +57,10 @@ def flat(ts):
 
 
 @pytest.mark.parametrize("checkpoint_cells", [False, True])
-def test_weight_gradients_match(checkpoint_cells):
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_gradients_match(checkpoint_cells, device):
     fast, plain, ((x, y), _) = twins(checkpoint_cells)
+    fast, plain, x, y = fast.to(device), plain.to(device), x.to(device), y.to(device)
     F.cross_entropy(fast(x.contiguous(memory_format=torch.channels_last)), y).backward()
     F.cross_entropy(plain(x), y).backward()
     fw = {n: p.grad for n, p in fast.named_weights().items()}
@@ -99,9 +104,13 @@ def test_plain_network_has_only_research_code_modules():
     assert ReferenceFactorizedReduce in plain_kinds
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("order", [1, 2])
-def test_alpha_gradients_match_plain_darts(order):
+def test_alpha_gradients_match_plain_darts(order, device):
+    """On CUDA the fast network runs the native kernels (no CPU rewrites): it must agree just the same."""
     fast, plain, (train, valid) = twins()
+    fast, plain = fast.to(device), plain.to(device)
+    train, valid = [(x.to(device), y.to(device)) for x, y in (train, valid)]
     opt_f = torch.optim.SGD(fast.weights(), 0.1, momentum=0.9, weight_decay=3e-4)
     opt_p = torch.optim.SGD(plain.weights(), 0.1, momentum=0.9, weight_decay=3e-4)
     for model, opt in ((fast, opt_f), (plain, opt_p)):  # one weight step: momentum buffers in play
@@ -113,7 +122,7 @@ def test_alpha_gradients_match_plain_darts(order):
                                                     architect.momentum_buffers(opt_f, fast))
     else:
         g_fast = architect.first_order_alpha_grads(fast, valid)
-    ref = PlainArchitect(plain, lambda: plain_network(OPS, 4, 3, 3, 3, 2).double(), 0.9, 3e-4)
+    ref = PlainArchitect(plain, lambda: plain_network(OPS, 4, 3, 3, 3, 2).double().to(device), 0.9, 3e-4)
     g_plain = ref.alpha_grads(train, valid, 0.1, opt_p, unrolled=order == 2)
     torch.testing.assert_close(flat(g_fast), flat(g_plain), rtol=1e-5, atol=1e-8)
 
@@ -170,7 +179,7 @@ def test_mixed_precision_is_a_switch_on_only_for_cuda():
     assert isinstance(ctx, torch.autocast)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_cuda_step_runs_with_bf16_and_channels_last():
     fast, _, ((x, y), _) = twins()
     fast = fast.float().cuda()
@@ -240,3 +249,47 @@ def test_busy_cores_sees_a_spinning_process():
         spinner.kill()
         spinner.wait()
     assert busy is not None and 0.7 <= busy <= 1.0
+
+
+def test_gpu_busy_is_only_sampled_on_cuda():
+    with sampled_gpu_busy(torch.device("cpu"), every_s=0.01) as samples:
+        time.sleep(0.05)
+    assert samples == []
+
+
+@needs_cuda
+def test_gpu_busy_sees_a_busy_gpu_and_an_idle_one():
+    try:
+        torch.cuda.utilization()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no NVML: {exc}")
+    a = torch.randn(4096, 4096, device="cuda")
+    with sampled_gpu_busy(torch.device("cuda"), every_s=0.05) as busy:
+        end = time.perf_counter() + 3
+        while time.perf_counter() < end:
+            for _ in range(20):
+                a = (a @ a).clamp_(-1, 1)
+            torch.cuda.synchronize()
+    with sampled_gpu_busy(torch.device("cuda"), every_s=0.05) as idle:
+        time.sleep(3)
+    assert len(busy) > 10 and sum(busy) / len(busy) > 0.8
+    assert len(idle) > 10 and sum(idle) / len(idle) < 0.2
+
+
+def test_bench_pack_runs_trials_side_by_side():
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "pack", "--trials", "2,1", "--seconds", "1",
+                           "--C", "4", "--layers", "1", "--batch", "8", "--size", "8", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    rows = out["rows"]
+    assert [r["trials"] for r in rows] == [1, 2]
+    assert rows[0]["gain"] == pytest.approx(1.0)
+    assert rows[1]["gain"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
+    assert rows[1]["per_trial_images_per_s"] == pytest.approx(rows[1]["images_per_s"] / 2)
+    assert all(r["images_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
+    best = max(r["images_per_s"] for r in rows)
+    assert out["recommended_trials"] == min(r["trials"] for r in rows if r["images_per_s"] >= 0.9 * best)
+    bad = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "pack", "--trials", "0"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "--trials" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
