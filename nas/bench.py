@@ -595,7 +595,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
                             size=ns.size, device=ns.device, seconds=ns.seconds, channels_last=not ns.no_channels_last,
                             keep_memory=not ns.no_keep_memory, amp=ns.device == "cuda" and not ns.no_amp,
                             threads=ns.threads)
-        print(json.dumps(result)) if ns.json else _print_pack(result)
+        if ns.json:
+            print(json.dumps(result))
+        else:
+            _print_pack(result)
         return 0
     args = {"C": ns.C or d["C"], "layers": ns.layers or d["layers"], "batch": ns.batch or d["batch"],
             "size": ns.size, "steps": ns.steps, "order": ns.order, "device": ns.device,

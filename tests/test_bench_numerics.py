@@ -189,10 +189,15 @@ def test_cuda_step_runs_with_bf16_and_channels_last():
     assert torch.isfinite(loss)
 
 
+def bench_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``dartsweep bench ARGS`` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "nas.cli", "bench", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def test_bench_cli_json_smoke():
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "search", "--order", "1", "--C", "4",
-                           "--layers", "2", "--size", "8", "--batch", "4", "--steps", "1", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    proc = bench_cli("search", "--order", "1", "--C", "4", "--layers", "2", "--size", "8", "--batch", "4", "--steps",
+                     "1", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) >= {"fast", "plain", "speedup", "memory_ratio"}
@@ -203,8 +208,7 @@ def test_bench_cli_json_smoke():
 
 
 def test_bench_repeats_alternate_sides_and_report_medians():
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "data", "--batch", "8", "--repeats", "3",
-                           "--json"], capture_output=True, text=True, timeout=300)
+    proc = bench_cli("data", "--batch", "8", "--repeats", "3", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     rounds = out["rounds"]
@@ -213,8 +217,7 @@ def test_bench_repeats_alternate_sides_and_report_medians():
         assert r["speedup"] == pytest.approx(r["fast"]["images_per_s"] / r["plain"]["images_per_s"])
     assert out["speedup"] == pytest.approx(sorted(r["speedup"] for r in rounds)[1])
     assert out["fast"]["images_per_s"] == pytest.approx(sorted(r["fast"]["images_per_s"] for r in rounds)[1])
-    bad = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "data", "--repeats", "0"], capture_output=True,
-                         text=True, timeout=120)
+    bad = bench_cli("data", "--repeats", "0", timeout=120)
     assert bad.returncode == 2 and "--repeats must be at least 1" in bad.stderr
 
 
@@ -277,9 +280,8 @@ def test_gpu_busy_sees_a_busy_gpu_and_an_idle_one():
 
 
 def test_bench_pack_runs_trials_side_by_side():
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "pack", "--trials", "2,1", "--seconds", "1",
-                           "--C", "4", "--layers", "1", "--batch", "8", "--size", "8", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    proc = bench_cli("pack", "--trials", "2,1", "--seconds", "1", "--C", "4", "--layers", "1", "--batch", "8", "--size",
+                     "8", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     rows = out["rows"]
@@ -290,6 +292,5 @@ def test_bench_pack_runs_trials_side_by_side():
     assert all(r["images_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
     best = max(r["images_per_s"] for r in rows)
     assert out["recommended_trials"] == min(r["trials"] for r in rows if r["images_per_s"] >= 0.9 * best)
-    bad = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "pack", "--trials", "0"], capture_output=True,
-                         text=True, timeout=300)
+    bad = bench_cli("pack", "--trials", "0")
     assert bad.returncode == 2 and "--trials" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
