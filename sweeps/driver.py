@@ -14,6 +14,7 @@ each stage is idempotent: a stage whose experiment exists is restored, never res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -165,11 +166,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 # ------------------------------------------------------------------------------------------------ running
 
-def _ray_init(address: str | None) -> None:
+def _ray_init(address: str | None) -> bool:
+    """Connect to ``address``, or start an embedded single-machine Ray; True when this call started or joined
+    Ray (so the caller stops it), False when Ray was already initialised by someone else."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")  # 0-GPU trials see no GPU (#54868)
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -178,6 +181,24 @@ def _ray_init(address: str | None) -> None:
         # "local": always a fresh instance; with no address Ray would join the last cluster started here
         ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
+    return True
+
+
+def _ray_stop() -> None:
+    """Disconnect from Ray, stopping the embedded instance if this process started one.
+
+    Ray stops its control store before the autoscaler's monitor process, whose SIGTERM handler then tries
+    to report to the stopped store until Ray's 1-s grace period runs out and it is killed: a second of
+    every sweep spent waiting. An embedded single-machine Ray has nothing to autoscale, so the monitor is
+    killed first. (``ray.shutdown`` is also what Ray's exit hook would run, after a further 0.5-s pause.)
+    """
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and node.head:
+        with contextlib.suppress(Exception):  # a private API: if it changes, the plain shutdown still works
+            node.kill_monitor(check_alive=False)
+    ray.shutdown()
 
 
 def _param_space(stage: Stage, genotypes: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -199,8 +220,10 @@ def _param_space(stage: Stage, genotypes: dict[str, Any] | None = None) -> dict[
         return {**common, "op_set": axis(list(stage.axes["op_sets"])), "F": axis(stage.axes["F"]),
                 "op_sets": stage.axes["op_sets"]}
     assert genotypes is not None
+    # the genotype's id only: the table of genotypes goes to the trainable through Ray's object store
+    # (``_trainable``), not into every trial's config, params.json and every line of its result.json
     return {**common, "genotype": axis(list(genotypes)), "layers": axis(stage.axes["layers"]),
-            "F": axis(stage.axes["F"]), "genotypes": genotypes}
+            "F": axis(stage.axes["F"])}
 
 
 def _tune_config(stage: Stage, spec: SweepSpec):
@@ -238,12 +261,17 @@ def _trial_dirname(trial: Any) -> str:
     return trial_dirname(trial)
 
 
-def _trainable(stage: Stage) -> Callable:
+def _trainable(stage: Stage, genotypes: dict[str, Any] | None = None) -> Callable:
+    """The stage's trainable with its resources; the eval stage's gets ``genotypes`` (id -> entry)."""
     from ray import tune
 
     from sweeps import trainables
 
-    fn = trainables.search_trainable if stage.kind == "search" else trainables.eval_trainable
+    if stage.kind == "search":
+        fn = trainables.search_trainable
+    else:
+        assert genotypes is not None
+        fn = tune.with_parameters(trainables.eval_trainable, genotypes=genotypes)
     res = {"cpu": stage.resources["cpu"], "gpu": stage.resources["gpu"]}
     return tune.with_resources(fn, res)
 
@@ -255,7 +283,7 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
     from sweeps.loggers import CSVLogger, JsonLogger
 
     stage_path = sweep.join(stage.kind)
-    trainable = _trainable(stage)
+    trainable = _trainable(stage, genotypes)
     if tune.Tuner.can_restore(stage_path):
         _print(f"{stage.kind}: continuing the experiment in {stage_path}")
         tuner = tune.Tuner.restore(stage_path, trainable, resume_unfinished=True, resume_errored=True)
@@ -337,7 +365,18 @@ def resume_sweep(location: str | Path, address: str | None = None, verbose: int 
 def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: int) -> str:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: see README
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    _ray_init(address)
+    started = _ray_init(address)
+    try:
+        _run_stages(spec, sweep, verbose)
+    finally:
+        if started:
+            _ray_stop()
+    loc = sweep.location
+    _print(f"results in {loc}  (dartsweep sweep status {loc}; dartsweep analyze {loc})")
+    return loc
+
+
+def _run_stages(spec: SweepSpec, sweep: SweepDir, verbose: int) -> None:
     state = sweep.read_state().get("stages", {})
     searched: dict[str, Any] = {}
     if spec.search is not None:
@@ -352,6 +391,3 @@ def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: in
             _print("eval: no genotypes to evaluate (every search trial failed); see `dartsweep sweep status`")
         else:
             _run_stage(spec, sweep, spec.eval, genotypes, verbose=verbose)
-    loc = sweep.location
-    _print(f"results in {loc}  (dartsweep sweep status {loc}; dartsweep analyze {loc})")
-    return loc

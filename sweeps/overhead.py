@@ -49,10 +49,7 @@ def measure_overhead(trials: int = 8, epochs: int = 90, cpus: int | None = None,
            "failure": {"max_failures": 0}}
     with tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
-        run_sweep(parse_sweep(raw), storage=storage, verbose=0)
-        import ray
-
-        ray.shutdown()
+        run_sweep(parse_sweep(raw), storage=storage, verbose=0)  # starts and stops its own Ray
         swept = time.perf_counter() - start
         from analysis.frames import history_frame
 

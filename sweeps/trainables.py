@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from ray import tune
@@ -123,11 +123,11 @@ def search_trainable(config: dict[str, Any]) -> None:
         _report_divergence(exc, state, history, fixed)
 
 
-def eval_trial_config(config: dict[str, Any]) -> tuple[EvalConfig, dict[str, Any]]:
+def eval_trial_config(config: dict[str, Any], genotypes: Mapping[str, Any]) -> tuple[EvalConfig, dict[str, Any]]:
     """The EvalConfig of an eval trial and its fixed report fields (genotype id, op set id, F, params, GMAC)."""
     from sweeps.spec import DATASET_SHAPES, genotype_for_trial, op_set_id_for
 
-    entry = config["genotypes"][config["genotype"]]
+    entry = genotypes[config["genotype"]]
     genotype = genotype_for_trial(entry["genotype"], config.get("F"))
     cfg = EvalConfig(**{**config["base"], "genotype": genotype.to_dict(), "layers": int(config["layers"]),
                         "seed": int(config["seed"])})
@@ -139,10 +139,11 @@ def eval_trial_config(config: dict[str, Any]) -> tuple[EvalConfig, dict[str, Any
     return cfg, fixed
 
 
-def eval_trainable(config: dict[str, Any]) -> None:
-    """One evaluation training. config: genotype (id), layers, seed, F, genotypes (id -> entry), base."""
+def eval_trainable(config: dict[str, Any], genotypes: Mapping[str, Any]) -> None:
+    """One evaluation training. config: genotype (id), layers, seed, F, base; genotypes: id -> entry
+    (``{"genotype": ..., "op_set": ..., "source_trial": ...}``), shared by the stage's trials."""
     _set_threads()
-    cfg, fixed = eval_trial_config(config)
+    cfg, fixed = eval_trial_config(config, genotypes)
     state, history = _restore()
     try:
         run_eval(cfg, data=load_dataset(cfg.dataset, cfg.data_dir), device=_device(), resume=state,

@@ -136,3 +136,23 @@ def test_analyze_rejects_non_sweep(tmp_path):
         load_frames(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "nas.cli", "analyze", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a sweep directory" in proc.stderr
+
+
+def test_cells_of_f_variants_are_rebuilt_from_the_frozen_sweep_file(tmp_path):
+    """An eval trial's genotype at another F is neither built in nor in genotypes/: analysis rebuilds it from
+    sweep.yaml and the trial's params, as the trial did (the trials' configs name their genotype only)."""
+    from analysis.report import _genotype
+    from nas.genotypes import PIBCONV
+
+    raw = sweep_file(tmp_path, "fv", evaluation={"genotypes": ["PIBCONV"], "F": [3.0], "layers": [2]})
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    trial_dir = tmp_path / "eval" / "eval_PIBCONV_L2_F3_s0_x"
+    trial_dir.mkdir(parents=True)
+    (trial_dir / "params.json").write_text('{"genotype": "PIBCONV", "F": 3.0, "layers": 2, "seed": 0}')
+    trials = pd.DataFrame({"genotype_id": ["PIBCONV-F3"], "stage": ["eval"], "trial_dir": [str(trial_dir)]})
+    geno = _genotype(tmp_path, "PIBCONV-F3", trials)
+    assert geno is not None and geno.id == "PIBCONV-F3" and geno.options.bottleneck_ratio == 3.0
+    assert (geno.normal, geno.reduce) == (PIBCONV.normal, PIBCONV.reduce)
+    assert _genotype(tmp_path, "g-unknown", trials) is None
+    (tmp_path / "sweep.yaml").unlink()  # no frozen file (a partial copy): nothing to rebuild from
+    assert _genotype(tmp_path, "PIBCONV-F3", trials) is None

@@ -42,6 +42,11 @@ def test_two_stage_sweep_end_to_end(tmp_path):
     assert len(evals) == 2 * (len(index) + 1)
     assert set(evals.genotype_id) == set(index) | {"DARTS_V2"}
     assert (evals.params_m > 0).all() and (evals.gmac > 0).all() and (evals.epochs_done == 2).all()
+    # a trial's config names its genotype; the stage's table of genotypes is not copied into every trial
+    for d in evals.trial_dir:
+        params = json.loads((Path(d) / "params.json").read_text())
+        assert "genotypes" not in params and params["genotype"] in set(index) | {"DARTS_V2"}
+        assert all("genotypes" not in json.loads(line)["config"] for line in (Path(d) / "result.json").open())
     assert {"train_loss", "test_acc", "epoch"} <= set(history.columns)
     # TensorBoard scalars land in every trial folder
     assert all(list(Path(d).glob("events.out.tfevents.*")) for d in trials.trial_dir)
@@ -55,7 +60,7 @@ def test_two_stage_sweep_end_to_end(tmp_path):
     assert before == {d: (Path(d) / "result.json").read_bytes() for d in trials.trial_dir}
 
 
-def flaky_eval_trainable(config):
+def flaky_eval_trainable(config, genotypes):
     """The real eval trainable, made to crash once after training epoch 3, before reporting it.
 
     (Crashing right after a report raced with the driver registering that report's checkpoint.)"""
@@ -74,7 +79,7 @@ def flaky_eval_trainable(config):
 
     T.tune.report = report
     try:
-        T.eval_trainable(config)
+        T.eval_trainable(config, genotypes)
     finally:
         T.tune.report = real
 
@@ -83,9 +88,10 @@ def test_trial_that_raises_is_retried_from_its_checkpoint(tmp_path):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     spec = parse_sweep(sweep_file(tmp_path, "retry", evaluation={"genotypes": ["DARTS_V2"], "layers": [1],
                                                                  "epochs": 4}))
-    space = _param_space(spec.eval, {"DARTS_V2": {"genotype": spec.eval.axes["genotypes"]["DARTS_V2"]}})
-    space["marker"] = str(tmp_path / "crashed")
-    tuner = tune.Tuner(tune.with_resources(flaky_eval_trainable, {"cpu": 1}), param_space=space,
+    genotypes = {"DARTS_V2": {"genotype": spec.eval.axes["genotypes"]["DARTS_V2"]}}
+    space = {**_param_space(spec.eval, genotypes), "marker": str(tmp_path / "crashed")}
+    trainable = tune.with_resources(tune.with_parameters(flaky_eval_trainable, genotypes=genotypes), {"cpu": 1})
+    tuner = tune.Tuner(trainable, param_space=space,
                        run_config=tune.RunConfig(name="retry", storage_path=str(tmp_path), verbose=0,
                                                  failure_config=tune.FailureConfig(max_failures=2),
                                                  callbacks=[JsonLogger(), CSVLogger()]))  # as the driver

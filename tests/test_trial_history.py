@@ -99,8 +99,8 @@ def test_trial_diverged_after_some_epochs(tmp_path):
 def eval_config(tmp_path):
     spec = parse_sweep(sweep_file(tmp_path, "h", evaluation={"genotypes": ["DARTS_V2"], "layers": [1],
                                                              "epochs": 3, "max_steps_per_epoch": 2}))
-    return {"base": spec.eval.base, "checkpoint_every": 1, "seed": 0, "genotype": "DARTS_V2", "layers": 1,
-            "F": None, "genotypes": eval_genotypes(spec, {})}
+    return ({"base": spec.eval.base, "checkpoint_every": 1, "seed": 0, "genotype": "DARTS_V2", "layers": 1,
+             "F": None}, eval_genotypes(spec, {}))
 
 
 def test_trainable_saves_its_history_in_every_checkpoint_and_continues_it(eval_config, tmp_path, monkeypatch):
@@ -112,7 +112,7 @@ def test_trainable_saves_its_history_in_every_checkpoint_and_continues_it(eval_c
 
     monkeypatch.setattr(trainables.tune, "report", report)
     monkeypatch.setattr(trainables.tune, "get_checkpoint", lambda: None)
-    trainables.eval_trainable(eval_config)
+    trainables.eval_trainable(*eval_config)
     first = json.loads((saved[3] / "history.json").read_text())
     assert [h["epoch"] for h in first] == [1, 2, 3] and all(h["genotype_id"] for h in first)
 
@@ -121,7 +121,7 @@ def test_trainable_saves_its_history_in_every_checkpoint_and_continues_it(eval_c
 
     monkeypatch.setattr(trainables.tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(saved[2])))
     shutil.rmtree(saved.pop(3))
-    trainables.eval_trainable(eval_config)
+    trainables.eval_trainable(*eval_config)
     again = json.loads((saved[3] / "history.json").read_text())
     assert [h["epoch"] for h in again] == [1, 2, 3]
     assert again[:2] == first[:2]  # the restored epochs are the ones reported before, unchanged
