@@ -239,13 +239,20 @@ def _timed(step, steps: int, batch: int, device: torch.device, base_rss_mb: floa
 
 
 def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
+    base = _current_rss_mb()
+    images, labels = _synthetic(args["batch"] * (args["steps"] + 1) * 2, args["size"])
+    step = _search_step(fast, args, images, labels)
+    return _timed(step, args["steps"], args["batch"], torch.device(args["device"]), base)
+
+
+def _search_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: np.ndarray):
+    """The search network's step (alpha step + weight step, fast or plain) over ``images``; step(i) takes
+    batches 2i (weights) and 2i+1 (alpha), wrapping around."""
     torch.manual_seed(0)
     device = torch.device(args["device"])
     op_set = OP_SETS["pibconv"]
-    size, batch = args["size"], args["batch"]
-    images, labels = _synthetic(batch * (args["steps"] + 1) * 2, size)
+    batch = args["batch"]
     fmt = torch.channels_last if fast and args["channels_last"] else torch.contiguous_format
-    base = _current_rss_mb()
     if fast:
         model = SearchNetwork(op_set, args["C"], args["layers"], checkpoint_cells=args["checkpoint_cells"])
     else:
@@ -260,9 +267,11 @@ def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
     gen = torch.Generator(device=device).manual_seed(0)
     loader = None if fast else iter(plain_loader(images, labels, batch))
 
+    pairs = len(labels) // (2 * batch)
+
     def batch_pair(i: int):
         if fast:
-            idx = torch.arange(2 * i * batch, 2 * (i + 1) * batch, device=device)
+            idx = torch.arange(2 * (i % pairs) * batch, 2 * (i % pairs + 1) * batch, device=device)
             x = make_batch(data, data.train_x[idx], augment=True, generator=gen, memory_format=fmt)
             y = data.train_y[idx]
             return (x[:batch], y[:batch]), (x[batch:], y[batch:])
@@ -289,7 +298,7 @@ def run_search_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
         nn.utils.clip_grad_norm_(model.weights(), 5.0)
         opt.step()
 
-    return _timed(step, args["steps"], batch, device, base)
+    return step
 
 
 def _eval_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: np.ndarray):
@@ -365,15 +374,18 @@ RUNNERS = {"search": run_search_bench, "eval": run_eval_bench, "data": run_data_
 
 # ------------------------------------------------------------------------------ trials sharing one device
 
+STEP_BUILDERS = {"search": _search_step, "eval": _eval_step}
+
+
 def _pack_child(args: dict[str, Any], ready: mp.Queue, go: Any, results: mp.Queue) -> None:
-    """One evaluation trial's training steps (the fast side of ``bench eval``): warm up, report ready, wait
-    for the common start, then train for ``args['seconds']``."""
+    """One trial's training steps (the fast side of ``bench search`` or ``bench eval``, by ``args['phase']``):
+    warm up, report ready, wait for the common start, then train for ``args['seconds']``."""
     torch.set_num_threads(args["threads"])
     try:
         device = torch.device(args["device"])
         if device.type == "cpu" and args["keep_memory"]:
             keep_freed_memory()
-        step = _eval_step(True, args, *_synthetic(args["batch"] * 16, args["size"]))
+        step = STEP_BUILDERS[args["phase"]](True, args, *_synthetic(args["batch"] * 16, args["size"]))
         for i in range(3):
             step(i)
         _sync(device)
@@ -396,8 +408,8 @@ def _pack_child(args: dict[str, Any], ready: mp.Queue, go: Any, results: mp.Queu
 
 
 def run_trials_together(trials: int, args: dict[str, Any]) -> dict[str, Any]:
-    """``trials`` evaluation trials training at once on one device, each in its own process (as Ray runs
-    trials with ``gpu: 1/trials``): their summed images/s, each one's, and the device's busy fraction."""
+    """``trials`` search or evaluation trials training at once on one device, each in its own process (as Ray
+    runs trials with ``gpu: 1/trials``): their summed images/s, each one's, and the device's busy fraction."""
     ctx = mp.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_pack_child, args=(args, ready, go, results)) for _ in range(trials)]
@@ -434,7 +446,8 @@ def pack_bench(trial_counts: list[int], **args: Any) -> dict[str, Any]:
     rows = []
     for n in trial_counts:
         threads = args.get("threads") or max(1, cores // n)
-        print(f"bench pack: {n} trial(s) at once, {threads} thread(s) each, {args['seconds']} s", file=sys.stderr)
+        print(f"bench pack: {n} {args['phase']} trial(s) at once, {threads} thread(s) each, {args['seconds']} s",
+              file=sys.stderr)
         rows.append(run_trials_together(n, {**args, "threads": threads}))
     one = next((r["images_per_s"] for r in rows if r["trials"] == 1), None)
     for r in rows:
@@ -553,7 +566,9 @@ def bench(kind: str, repeats: int = 1, **args: Any) -> dict[str, Any]:
 
 
 DEFAULTS = {"search": {"C": 16, "layers": 5, "batch": 16}, "eval": {"C": 36, "layers": 10, "batch": 32},
-            "data": {"C": 0, "layers": 0, "batch": 96}, "pack": {"C": 36, "layers": 2, "batch": 96}}
+            "data": {"C": 0, "layers": 0, "batch": 96}, "pack": {"C": 36, "layers": 2, "batch": 96},
+            # DARTS' search recipe: C 16, 8 cells, batch 64 (the train and validation halves, 64 each)
+            "pack_search": {"C": 16, "layers": 8, "batch": 64}}
 
 
 def _trial_counts(text: str) -> list[int]:
@@ -577,7 +592,7 @@ def _print_pack(result: dict[str, Any]) -> None:
               f"{r['peak_memory_mb']:>9.0f} {busy:>9}")
     n = result["recommended_trials"]
     share = f"resources: {{gpu: {1 / n:.3g}}}" if result["config"]["device"] == "cuda" else f"{n} CPU trials at once"
-    print(f"fewest trials within 90 % of the best throughput: {n} ({share}); "
+    print(f"fewest {result['config']['phase']} trials within 90 % of the best throughput: {n} ({share}); "
           "gain = trials finished per hour, against one trial per device")
 
 
@@ -586,7 +601,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
     if ns.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available here; use --device cpu")
-    d = DEFAULTS[ns.kind]
+    d = DEFAULTS["pack_search" if ns.kind == "pack" and ns.phase == "search" else ns.kind]
     if ns.kind == "pack":
         counts = _trial_counts(ns.trials)
         if ns.seconds <= 0:
@@ -594,7 +609,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         result = pack_bench(counts, C=ns.C or d["C"], layers=ns.layers or d["layers"], batch=ns.batch or d["batch"],
                             size=ns.size, device=ns.device, seconds=ns.seconds, channels_last=not ns.no_channels_last,
                             keep_memory=not ns.no_keep_memory, amp=ns.device == "cuda" and not ns.no_amp,
-                            threads=ns.threads)
+                            threads=ns.threads, phase=ns.phase, order=ns.order, checkpoint_cells=ns.checkpoint_cells)
         if ns.json:
             print(json.dumps(result))
         else:
@@ -635,7 +650,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="fast vs plain (research-code) step: images/s, peak memory, ratios")
     p.add_argument("kind", choices=("search", "eval", "data", "pack"),
-                   help="pack: evaluation trials training at once on one device (fractional GPUs)")
+                   help="pack: search or evaluation trials training at once on one device (fractional GPUs)")
+    p.add_argument("--phase", choices=("search", "eval"), default="eval",
+                   help="pack: which trials share the device (search: C 16, 8 cells, batch 64 unless given)")
     p.add_argument("--order", type=int, choices=(1, 2), default=2)
     p.add_argument("--C", type=int, help="channels (search 16, eval 36)")
     p.add_argument("--layers", type=int, help="cells (search 5, eval 10)")

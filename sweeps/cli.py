@@ -44,22 +44,29 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_overhead(args: argparse.Namespace) -> int:
     from sweeps.overhead import measure_overhead
 
+    def progress(msg: str) -> None:
+        print(f"[dartsweep] overhead: {msg}", file=sys.stderr, flush=True)
+
     # with --json, stdout carries the JSON object only (Ray Tune prints its experiment table there)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = measure_overhead(args.trials, args.epochs, args.cpus, args.checkpoint_every)
+        result = measure_overhead(args.trials, args.epochs, args.cpus, args.checkpoint_every, args.repeats,
+                                  progress=progress)
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f"{result['trials']} trials of ~{result['mean_trial_s']:.1f} s: in-process one after another "
-              f"{result['sequential_s']:.1f} s (mean of {result['sequential_before_s']:.1f} s before and "
-              f"{result['sequential_after_s']:.1f} s after the sweep: the machine drifted "
-              f"{100 * result['drift']:+.1f} %), as a Ray Tune sweep {result['sweep_s']:.1f} s "
-              f"(overhead {100 * result['overhead']:+.1f} %, Ray start-up included; checkpoint every "
-              f"{result['checkpoint_every']} epochs)\n"
-              f"  of which once per sweep (Ray and Tune start-up, first worker, shutdown): {result['fixed_s']:.1f} s; "
-              f"inside the trials: {100 * result['in_trial_overhead']:+.1f} % (starting trials "
-              f"{result['trial_start_s']:.1f} s, reporting and checkpointing {result['reporting_s']:.1f} s, "
-              f"epochs {100 * result['epochs_slowdown']:+.1f} % against in-process)")
+        return 0
+    if result["repeats"] > 1:
+        print(f"{result['repeats']} rounds, overhead per round: "
+              + ", ".join(f"{100 * o:+.1f} %" for o in result["overhead_rounds"]) + "; the median round:")
+    print(f"{result['trials']} trials of ~{result['mean_trial_s']:.1f} s: in-process one after another "
+          f"{result['sequential_s']:.1f} s (mean of {result['sequential_before_s']:.1f} s before and "
+          f"{result['sequential_after_s']:.1f} s after the sweep: the machine drifted "
+          f"{100 * result['drift']:+.1f} %), as a Ray Tune sweep {result['sweep_s']:.1f} s "
+          f"(overhead {100 * result['overhead']:+.1f} %, Ray start-up included; checkpoint every "
+          f"{result['checkpoint_every']} epochs)\n"
+          f"  of which once per sweep (Ray and Tune start-up, first worker, shutdown): {result['fixed_s']:.1f} s; "
+          f"inside the trials: {100 * result['in_trial_overhead']:+.1f} % (starting trials "
+          f"{result['trial_start_s']:.1f} s, reporting and checkpointing {result['reporting_s']:.1f} s, "
+          f"epochs {100 * result['epochs_slowdown']:+.1f} % against in-process)")
     return 0
 
 
@@ -86,6 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=90, help="epochs per trial (90: about 20 s on 2 cores)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="epochs between trial checkpoints")
     p.add_argument("--cpus", type=int, help="threads per trial (default: all)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="sweeps, alternating with in-process runs; the median round is reported (default 1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_overhead)
     p = sweep.add_parser("status", help="one line per trial: stage, state, epoch, latest metrics, error")

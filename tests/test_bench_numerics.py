@@ -294,3 +294,16 @@ def test_bench_pack_runs_trials_side_by_side():
     assert out["recommended_trials"] == min(r["trials"] for r in rows if r["images_per_s"] >= 0.9 * best)
     bad = bench_cli("pack", "--trials", "0")
     assert bad.returncode == 2 and "--trials" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bench_pack_search_trials_train_the_search_step():
+    """Search trials share a device too (--phase search): each runs the fast alpha + weight step."""
+    proc = bench_cli("pack", "--phase", "search", "--order", "1", "--trials", "1,2", "--seconds", "1", "--C", "4",
+                     "--layers", "2", "--batch", "4", "--size", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["config"]["phase"] == "search" and out["config"]["order"] == 1 and out["config"]["layers"] == 2
+    assert [r["trials"] for r in out["rows"]] == [1, 2] and all(r["images_per_s"] > 0 for r in out["rows"])
+    assert "2 search trial(s) at once" in proc.stderr
+    bad = bench_cli("pack", "--phase", "weights")
+    assert bad.returncode == 2 and "--phase" in bad.stderr

@@ -152,3 +152,25 @@ def test_overhead_command_reports_where_ray_time_goes():
     assert out["drift"] == pytest.approx(out["sequential_after_s"] / out["sequential_before_s"] - 1)
     assert out["trial_start_s"] > 0  # the first report also pays the trial's start-up
     assert out["reporting_s"] >= 0 and out["epochs_slowdown"] > -1
+    assert out["repeats"] == 1 and out["overhead_rounds"] == [out["overhead"]] and len(out["rounds"]) == 1
+
+
+def test_overhead_rounds_alternate_and_the_median_round_is_reported():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "sweep", "overhead", "--trials", "1", "--epochs", "2",
+                           "--repeats", "3", "--json"], capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    rounds = out["rounds"]
+    assert len(rounds) == 3 and out["overhead_rounds"] == [r["overhead"] for r in rounds]
+    assert out["overhead"] == sorted(out["overhead_rounds"])[1]  # the median of three
+    median = next(r for r in rounds if r["overhead"] == out["overhead"])
+    assert all(out[k] == v for k, v in median.items())
+    # one in-process run between consecutive sweeps serves as the after of one round and the before of the next
+    assert [r["sequential_after_s"] for r in rounds[:-1]] == [r["sequential_before_s"] for r in rounds[1:]]
+    assert proc.stderr.count("[dartsweep] overhead: sweep") == 3
+    bad = subprocess.run([sys.executable, "-m", "nas.cli", "sweep", "overhead", "--repeats", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--repeats" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
