@@ -57,7 +57,8 @@ def test_trial_survives_node_loss(cluster, tmp_path):
                                                                  "epochs": 10, "max_steps_per_epoch": 8}))
     genotypes = {"DARTS_V2": {"genotype": spec.eval.axes["genotypes"]["DARTS_V2"]}}
     start = time.time()
-    result = tune.Tuner(_trainable(spec.eval, genotypes), param_space=_param_space(spec.eval, genotypes), run_config=tune.RunConfig(
+    space = _param_space(spec.eval, genotypes)
+    result = tune.Tuner(_trainable(spec.eval, genotypes), param_space=space, run_config=tune.RunConfig(
         name="eval", storage_path=str(tmp_path), verbose=0, callbacks=[KillTrialNode()],
         failure_config=tune.FailureConfig(max_failures=3))).fit()[0]
     assert CLUSTER.get("killed"), "the trial's node was never removed"
