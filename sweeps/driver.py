@@ -217,10 +217,9 @@ def _param_space(stage: Stage, genotypes: dict[str, Any] | None = None) -> dict[
 
     common = {"base": stage.base, "checkpoint_every": stage.checkpoint_every, "seed": axis(stage.axes["seeds"])}
     if stage.kind == "search":
-        return {**common, "op_set": axis(list(stage.axes["op_sets"])), "F": axis(stage.axes["F"]),
-                "op_sets": stage.axes["op_sets"]}
+        return {**common, "op_set": axis(list(stage.axes["op_sets"])), "F": axis(stage.axes["F"])}
     assert genotypes is not None
-    # the genotype's id only: the table of genotypes goes to the trainable through Ray's object store
+    # ids only (op set, genotype): their tables go to the trainable through Ray's object store
     # (``_trainable``), not into every trial's config, params.json and every line of its result.json
     return {**common, "genotype": axis(list(genotypes)), "layers": axis(stage.axes["layers"]),
             "F": axis(stage.axes["F"])}
@@ -262,13 +261,14 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _trainable(stage: Stage, genotypes: dict[str, Any] | None = None) -> Callable:
-    """The stage's trainable with its resources; the eval stage's gets ``genotypes`` (id -> entry)."""
+    """The stage's trainable with its resources; the search stage's gets its op sets (id -> mapping), the
+    eval stage's ``genotypes`` (id -> entry)."""
     from ray import tune
 
     from sweeps import trainables
 
     if stage.kind == "search":
-        fn = trainables.search_trainable
+        fn = tune.with_parameters(trainables.search_trainable, op_sets=stage.axes["op_sets"])
     else:
         assert genotypes is not None
         fn = tune.with_parameters(trainables.eval_trainable, genotypes=genotypes)

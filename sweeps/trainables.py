@@ -105,10 +105,11 @@ def _report_divergence(exc: DivergenceError, state: dict[str, Any] | None, histo
     tune.report({**fixed, "epoch": epoch, "diverged": True, "error": f"DivergenceError: {exc}"})
 
 
-def search_trainable(config: dict[str, Any]) -> None:
-    """One DARTS search. config: op_set (id), F, seed, op_sets (id -> mapping), base (SearchConfig fields)."""
+def search_trainable(config: dict[str, Any], op_sets: Mapping[str, Any]) -> None:
+    """One DARTS search. config: op_set (id), F, seed, base (SearchConfig fields); op_sets: id -> mapping,
+    shared by the stage's trials."""
     _set_threads()
-    op_set = dict(config["op_sets"][config["op_set"]])
+    op_set = dict(op_sets[config["op_set"]])
     if config.get("F") is not None:
         op_set["bottleneck_ratio"] = float(config["F"])
     cfg = SearchConfig(**{**config["base"], "op_set": op_set, "seed": int(config["seed"])})

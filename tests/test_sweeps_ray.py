@@ -42,11 +42,13 @@ def test_two_stage_sweep_end_to_end(tmp_path):
     assert len(evals) == 2 * (len(index) + 1)
     assert set(evals.genotype_id) == set(index) | {"DARTS_V2"}
     assert (evals.params_m > 0).all() and (evals.gmac > 0).all() and (evals.epochs_done == 2).all()
-    # a trial's config names its genotype; the stage's table of genotypes is not copied into every trial
-    for d in evals.trial_dir:
-        params = json.loads((Path(d) / "params.json").read_text())
-        assert "genotypes" not in params and params["genotype"] in set(index) | {"DARTS_V2"}
-        assert all("genotypes" not in json.loads(line)["config"] for line in (Path(d) / "result.json").open())
+    # a trial's config names its op set or genotype; the stage's table of them is not copied into every trial
+    for stage, key, table, ids in (("eval", "genotype", "genotypes", set(index) | {"DARTS_V2"}),
+                                   ("search", "op_set", "op_sets", {"pibconv", "pibconv-F3"})):
+        for d in trials[trials.stage == stage].trial_dir:
+            params = json.loads((Path(d) / "params.json").read_text())
+            assert table not in params and params[key] in ids
+            assert all(table not in json.loads(line)["config"] for line in (Path(d) / "result.json").open())
     assert {"train_loss", "test_acc", "epoch"} <= set(history.columns)
     # TensorBoard scalars land in every trial folder
     assert all(list(Path(d).glob("events.out.tfevents.*")) for d in trials.trial_dir)
