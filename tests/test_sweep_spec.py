@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from nas.errors import ConfigError
-from sweeps.driver import trial_table
+from sweeps.driver import plan_summary, trial_table
 from sweeps.spec import builtin_sweeps, load_sweep, parse_sweep
 
 BASE = {"name": "t", "dataset": "digits",
@@ -81,6 +81,17 @@ def test_dry_run_table_prices_every_eval_trial():
     assert pib[3]["params_m"] > pib[2]["params_m"] > 0 and pib[3]["gmac"] > pib[2]["gmac"] > 0
 
 
+def test_plan_summary_counts_what_each_stage_will_run():
+    spec = parse_sweep(with_("eval.seeds", [0, 1]))  # 2 searches; eval: (searched cells + DARTS_V2) x 2 layers x 2 seeds
+    assert plan_summary(spec, trial_table(spec)) == \
+        "2 search trial(s), 4 eval trial(s) + up to 8 on the searched cells (4 per cell, up to 2 cells)"
+    raw = with_("eval.search_alg", {"type": "random", "num_samples": 5})
+    del raw["search"]
+    raw["eval"]["genotypes"] = ["PIBCONV"]
+    assert plan_summary(parse_sweep(raw), trial_table(parse_sweep(raw))) == \
+        "0 search trial(s), 5 eval trial(s) sampled by random"
+
+
 def test_op_sets_that_ignore_F_are_not_duplicated():
     spec = parse_sweep(with_("search.op_sets", ["darts", "pibconv"]))
     assert list(spec.search.axes["op_sets"]) == ["darts", "pibconv", "pibconv-F3"]
@@ -109,6 +120,7 @@ def test_cli_dry_run_and_bad_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert sum(r["stage"] == "eval" for r in rows) == 2
+    assert proc.stderr.strip() == "t: 2 search trial(s), 2 eval trial(s); nothing launched"
     assert not (tmp_path / "results").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(with_("search.F", [0])))
