@@ -118,8 +118,12 @@ def test_alpha_gradients_match_plain_darts(order, device):
         F.cross_entropy(model(train[0]), train[1]).backward()
         opt.step()
     if order == 2:
+        before = [w.detach().clone() for w in fast.weights()]
         g_fast = architect.second_order_alpha_grads(fast, train, valid, 0.1, 0.9, 3e-4,
                                                     architect.momentum_buffers(opt_f, fast))
+        # the unrolled and finite-difference weights were written into the network: the originals are back,
+        # bit for bit and in their memory layout
+        assert all(torch.equal(w, b) and w.stride() == b.stride() for w, b in zip(fast.weights(), before))
     else:
         g_fast = architect.first_order_alpha_grads(fast, valid)
     ref = PlainArchitect(plain, lambda: plain_network(OPS, 4, 3, 3, 3, 2).double().to(device), 0.9, 3e-4)
