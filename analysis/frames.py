@@ -10,6 +10,8 @@ ray_status          Ray Tune's own status (TERMINATED, ERROR, RUNNING, PENDING; 
 op_set              op set id (``pibconv``, ``pibconv-F2.5``, ``custom-...``)
 F                   bottleneck ratio (NaN when the ops do not use one)
 genotype_id         eval: the trained genotype's id; search: the derived genotype's id at the last epoch
+cell                the genotype's name for tables and plots: a named genotype's id (``PIBCONV``), an
+                    unnamed one's hash followed by its op set (``g-ae04bd0a (pibconv-F3)``)
 layers, seed        eval layer count (NaN for search) and the trial's seed
 epochs_done         last epoch reported; ``epochs_total``: epochs configured
 final_acc           search: valid_acc at the last epoch; eval: test_acc at the last epoch (percent)
@@ -38,9 +40,17 @@ import pandas as pd
 from nas.errors import ConfigError
 from sweeps.spec import stage_epochs
 
-TRIAL_COLUMNS = ["stage", "trial_id", "status", "ray_status", "op_set", "F", "genotype_id", "layers", "seed",
+TRIAL_COLUMNS = ["stage", "trial_id", "status", "ray_status", "op_set", "F", "genotype_id", "cell", "layers", "seed",
                  "epochs_done", "epochs_total", "final_acc", "best_acc", "params_m", "gmac", "wall_time_s", "error",
                  "trial_dir"]
+
+
+def cell_label(genotype_id: Any, op_set: Any) -> Any:
+    """How tables and plots name a genotype: searched cells are hashes (``g-ae04bd0a``), which say nothing
+    on their own, so they carry the op set they were searched with (for an F sweep, the F)."""
+    if isinstance(genotype_id, str) and genotype_id.startswith("g-") and isinstance(op_set, str) and op_set:
+        return f"{genotype_id} ({op_set})"
+    return genotype_id
 
 
 def _epoch(row: dict[str, Any]) -> Any:
@@ -143,10 +153,11 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
             from nas.genotypes import Genotype
 
             genotype = Genotype.from_dict(last["genotype"]).id
+        genotype, op_set = genotype or params.get("genotype"), last.get("op_set", params.get("op_set"))
         trials.append({
             "stage": stage, "trial_id": trial_id, "status": status, "ray_status": ray_status,
-            "op_set": last.get("op_set", params.get("op_set")), "F": _num(last.get("F", params.get("F"))),
-            "genotype_id": genotype or params.get("genotype"), "layers": _num(last.get("layers", params.get("layers"))),
+            "op_set": op_set, "F": _num(last.get("F", params.get("F"))), "genotype_id": genotype,
+            "cell": cell_label(genotype, op_set), "layers": _num(last.get("layers", params.get("layers"))),
             "seed": _num(last.get("seed", params.get("seed"))), "epochs_done": epochs_done,
             "epochs_total": epochs_total, "final_acc": accs[-1] if accs else math.nan,
             "best_acc": max(accs) if accs else math.nan, "params_m": _num(last.get("params_m")),
@@ -162,7 +173,7 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
         trials.append({
             "stage": stage, "trial_id": trial_id, "status": "unfinished", "ray_status": ray_status,
             "op_set": config.get("op_set"), "F": _num(config.get("F")), "genotype_id": config.get("genotype"),
-            "layers": _num(config.get("layers")), "seed": _num(config.get("seed")), "epochs_done": 0,
+            "cell": cell_label(config.get("genotype"), config.get("op_set")), "layers": _num(config.get("layers")), "seed": _num(config.get("seed")), "epochs_done": 0,
             "epochs_total": epochs_total, "final_acc": math.nan, "best_acc": math.nan, "params_m": math.nan,
             "gmac": math.nan, "wall_time_s": 0.0, "error": "", "trial_dir": "",
         })

@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -60,25 +61,26 @@ def place_labels(ax: plt.Axes, xs: np.ndarray, ys: np.ndarray, labels: list[str]
     return texts
 
 
-def accuracy_vs_layers(trials: pd.DataFrame, out: Path, by: str = "genotype_id") -> list[Path]:
+def accuracy_vs_layers(trials: pd.DataFrame, out: Path, by: str = "cell") -> list[Path]:
     curves = layer_curves(trials, by)
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, group in curves.groupby(by):
         group = group.sort_values("layers")
         ax.errorbar(group.layers, group.acc_mean, yerr=group.acc_std.fillna(0), marker="o", capsize=3, label=str(key))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layer counts: no 2.2, 2.4 ... ticks
     ax.set_xlabel("evaluation layers (cells)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy vs evaluation layers")
     ax.grid(alpha=0.3)
     if len(curves):
-        ax.legend(title=by.replace("_", " "), fontsize=8)
+        ax.legend(title="genotype" if by == "cell" else by.replace("_", " "), fontsize=8)
     return _save(fig, out, "accuracy_vs_layers")
 
 
 def accuracy_vs_cost(trials: pd.DataFrame, out: Path, cost: str = "gmac") -> list[Path]:
     done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=[cost, "final_acc"])
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for key, group in done.groupby("genotype_id"):
+    for key, group in done.groupby("cell"):
         ax.scatter(group[cost], group.final_acc, label=str(key), s=22, zorder=3)
     if len(done):
         mask = pareto_mask(done.final_acc.to_numpy(), done[cost].to_numpy())

@@ -16,7 +16,7 @@ from nas.genotypes import Genotype
 from nas.io import write_text_atomic
 from sweeps.spec import genotype_for_trial
 
-TABLE1_COLUMNS = {"genotype_id": "Genotype", "layers": "Eval. Layers", "final_acc": "Test Acc. (%)",
+TABLE1_COLUMNS = {"cell": "Genotype", "layers": "Eval. Layers", "final_acc": "Test Acc. (%)",
                   "params_m": "Params (M)", "gmac": "GMAC"}
 
 
@@ -41,9 +41,9 @@ def table1(trials: pd.DataFrame) -> pd.DataFrame:
     done = trials[(trials.stage == "eval") & (trials.status == "finished")]
     if done.empty:
         return pd.DataFrame(columns=list(TABLE1_COLUMNS.values()))
-    grouped = done.groupby(["genotype_id", "layers"], as_index=False).agg(
+    grouped = done.groupby(["cell", "layers"], as_index=False).agg(
         final_acc=("final_acc", "mean"), params_m=("params_m", "mean"), gmac=("gmac", "mean"))
-    grouped = grouped.sort_values(["genotype_id", "layers"], ascending=[True, False])
+    grouped = grouped.sort_values(["cell", "layers"], ascending=[True, False])
     grouped["layers"] = grouped.layers.astype(int)
     return grouped[list(TABLE1_COLUMNS)].rename(columns=TABLE1_COLUMNS).reset_index(drop=True)
 
@@ -62,7 +62,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, edge: int = 0)
     fronts, figures = {}, []
     for cost in ("gmac", "params_m"):
         front = pareto_set(trials, cost)
-        cols = ["genotype_id", "layers", "seed", "final_acc", "params_m", "gmac", "trial_id"]
+        cols = ["genotype_id", "cell", "layers", "seed", "final_acc", "params_m", "gmac", "trial_id"]
         front[cols].to_csv(out / f"pareto_{cost}.csv", index=False)
         write_text_atomic(out / f"pareto_{cost}.md", markdown_table(front[cols]))
         done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=[cost])
@@ -84,7 +84,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, edge: int = 0)
     summary = _summary(trials, fronts)
     index = ["# Sweep analysis: " + sweep_dir.name, "", "```", summary, "```", "",
              "## Table 1", "", markdown_table(t1), "## Pareto set (accuracy vs GMAC)", "",
-             markdown_table(fronts["gmac"][0][["genotype_id", "layers", "final_acc", "params_m", "gmac"]]),
+             markdown_table(fronts["gmac"][0][["cell", "layers", "final_acc", "params_m", "gmac"]]),
              "## Figures", ""]
     index += [f"- [{p.relative_to(out)}]({p.relative_to(out)})" for p in figures if p.suffix == ".png"]
     index += ["", "Data: [trials.csv](trials.csv), [history.csv](history.csv), [table1.csv](table1.csv)"]
@@ -134,7 +134,7 @@ def _summary(trials: pd.DataFrame, fronts: dict) -> str:
     lines.append(f"Pareto set (test acc up, GMAC down), hypervolume {hv:.4g} vs reference "
                  f"(acc {ref[0]:g} %, {ref[1]:.4g} GMAC):")
     for _, r in front.iterrows():
-        lines.append(f"  {r.genotype_id} L={int(r.layers)}: {r.final_acc:.2f} %  {r.gmac:.4g} GMAC  {r.params_m:.3g} M")
+        lines.append(f"  {r.cell} L={int(r.layers)}: {r.final_acc:.2f} %  {r.gmac:.4g} GMAC  {r.params_m:.3g} M")
     if front.empty:
         lines.append("  (no finished eval trials yet)")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
 from analysis.frames import load_frames, trial_history  # noqa: E402
+from analysis.report import table1  # noqa: E402
 from nas.errors import ConfigError  # noqa: E402
 from sweeps.driver import _param_space, resume_sweep, run_sweep  # noqa: E402
 from sweeps.loggers import CSVLogger, JsonLogger  # noqa: E402
@@ -42,6 +43,12 @@ def test_two_stage_sweep_end_to_end(tmp_path):
     assert len(evals) == 2 * (len(index) + 1)
     assert set(evals.genotype_id) == set(index) | {"DARTS_V2"}
     assert (evals.params_m > 0).all() and (evals.gmac > 0).all() and (evals.epochs_done == 2).all()
+    # searched cells are hashes: tables and plots name them with the op set they were searched with
+    searched = evals[evals.genotype_id.isin(index)]
+    assert (searched.cell == searched.genotype_id + " (" + searched.op_set + ")").all()
+    assert set(searched.op_set) == {index[g]["op_set"] for g in index} <= {"pibconv", "pibconv-F3"}
+    assert set(evals[evals.genotype_id == "DARTS_V2"].cell) == {"DARTS_V2"}
+    assert set(table1(trials)["Genotype"]) == set(evals.cell)
     # a trial's config names its op set or genotype; the stage's table of them is not copied into every trial
     for stage, key, table, ids in (("eval", "genotype", "genotypes", set(index) | {"DARTS_V2"}),
                                    ("search", "op_set", "op_sets", {"pibconv", "pibconv-F3"})):
