@@ -22,7 +22,7 @@ def sweep_status(path: Path, as_json: bool = False) -> str:
     lines = [f"sweep {sweep.path.name}: " + ", ".join(f"{s} {stages.get(s, 'not started')}" for s in ("search", "eval"))]
     for _, r in frame.iterrows():
         what = (f"{r.op_set}" + (f" F={r.F:g}" if not math.isnan(r.F) else "") if r.stage == "search"
-                else f"{r.genotype_id} L={int(r.layers)}")
+                else f"{r.cell} L={int(r.layers)}")
         acc = "valid" if r.stage == "search" else "test"
         metric = f"{acc}_acc {r.final_acc:.2f} (best {r.best_acc:.2f})" if not math.isnan(r.final_acc) else "no results"
         extra = f"  {r.params_m:.3g}M params {r.gmac:.3g} GMAC" if r.stage == "eval" and not math.isnan(r.gmac) else ""

@@ -63,6 +63,7 @@ def test_two_stage_sweep_end_to_end(tmp_path):
     lines = status.splitlines()
     assert sum(" finished " in ln for ln in lines[1:-1]) == len(trials) and "search done, eval done" in lines[0]
     assert lines[-1] == f"trials: {len(trials)} finished"
+    assert all(f" {c} L={int(n)} " in status for c, n in zip(evals.cell, evals.layers))
     # a resume of a finished sweep trains nothing and changes no result
     before = {d: (Path(d) / "result.json").read_bytes() for d in trials.trial_dir}
     resume_sweep(path, verbose=0)
