@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 
 from nas.errors import ConfigError
-from sweeps.spec import stage_epochs
+from sweeps.spec import ratio_of, stage_epochs
 
 TRIAL_COLUMNS = ["stage", "trial_id", "status", "ray_status", "op_set", "F", "genotype_id", "cell", "layers", "seed",
                  "epochs_done", "epochs_total", "final_acc", "best_acc", "params_m", "gmac", "wall_time_s", "error",
@@ -117,7 +117,31 @@ def _first_error_line(text: str) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "")[:300]
 
 
-def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[dict], list[dict]]:
+def eval_stage_table(sweep_dir: Path) -> dict[str, Any]:
+    """The eval stage's genotype table (id -> entry), as the driver gave it to the trials, rebuilt from the
+    frozen sweep file and the searched genotypes; {} if unreadable."""
+    from sweeps.driver import GENOTYPE_DIR, SweepDir, eval_genotypes
+    from sweeps.spec import eval_table
+
+    try:
+        spec = SweepDir.at(sweep_dir).load_spec()
+        searched = {p.stem: json.loads(p.read_text()) for p in (sweep_dir / GENOTYPE_DIR).glob("*.json")
+                    if p.name != "index.json"}
+    except (ConfigError, OSError, json.JSONDecodeError):
+        return {}
+    return eval_table(spec.eval, eval_genotypes(spec, searched)) if spec.eval is not None else {}
+
+
+def _ratio(reported: Any, genotype_id: Any, table: dict[str, Any]) -> float:
+    """A trial's F: as reported or configured, else (a folded grid's trial that never reported) its genotype's."""
+    value = _num(reported)
+    if math.isnan(value) and genotype_id in table:
+        return _num(ratio_of(table[genotype_id]))
+    return value
+
+
+def _stage_rows(stage: str, stage_dir: Path, skipped: list[str],
+                table: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     statuses = _ray_statuses(stage_dir)
     trials, history = [], []
     for trial_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir() and (p / "params.json").exists()):
@@ -156,7 +180,8 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
         genotype, op_set = genotype or params.get("genotype"), last.get("op_set", params.get("op_set"))
         trials.append({
             "stage": stage, "trial_id": trial_id, "status": status, "ray_status": ray_status,
-            "op_set": op_set, "F": _num(last.get("F", params.get("F"))), "genotype_id": genotype,
+            "op_set": op_set, "F": _ratio(last.get("F", params.get("F")), params.get("genotype"), table),
+            "genotype_id": genotype,
             "cell": cell_label(genotype, op_set), "layers": _num(last.get("layers", params.get("layers"))),
             "seed": _num(last.get("seed", params.get("seed"))), "epochs_done": epochs_done,
             "epochs_total": epochs_total, "final_acc": accs[-1] if accs else math.nan,
@@ -172,7 +197,8 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str]) -> tuple[list[d
         epochs_total = stage_epochs(stage, config.get("base", {}))
         trials.append({
             "stage": stage, "trial_id": trial_id, "status": "unfinished", "ray_status": ray_status,
-            "op_set": config.get("op_set"), "F": _num(config.get("F")), "genotype_id": config.get("genotype"),
+            "op_set": config.get("op_set"), "F": _ratio(config.get("F"), config.get("genotype"), table),
+            "genotype_id": config.get("genotype"),
             "cell": cell_label(config.get("genotype"), config.get("op_set")), "layers": _num(config.get("layers")), "seed": _num(config.get("seed")), "epochs_done": 0,
             "epochs_total": epochs_total, "final_acc": math.nan, "best_acc": math.nan, "params_m": math.nan,
             "gmac": math.nan, "wall_time_s": 0.0, "error": "", "trial_dir": "",
@@ -193,8 +219,9 @@ def load_frames(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     trials: list[dict] = []
     history: list[dict] = []
     skipped: list[str] = []
+    table = eval_stage_table(root) if (root / "eval").is_dir() else {}
     for stage, path in stage_dirs:
-        t, h = _stage_rows(stage, path, skipped)
+        t, h = _stage_rows(stage, path, skipped, table)
         trials += t
         history += h
     if skipped:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from analysis import plots
-from analysis.frames import load_frames
+from analysis.frames import eval_stage_table, load_frames
 from analysis.pareto import default_reference, hypervolume, pareto_set
-from nas.errors import ConfigError
 from nas.genotypes import Genotype
 from nas.io import write_text_atomic
 from sweeps.spec import genotype_for_trial
@@ -102,25 +100,12 @@ def _genotype(sweep_dir: Path, gid: str, trials: pd.DataFrame) -> Genotype | Non
         return Genotype.from_dict(json.loads(path.read_text())["genotype"])
     # a genotype file's cell or an F variant: rebuilt from the frozen sweep file, as its trials built it
     rows = trials[(trials.genotype_id == gid) & (trials.stage == "eval")]
-    entries = _eval_stage_genotypes(sweep_dir) if len(rows) else {}
+    entries = eval_stage_table(sweep_dir) if len(rows) else {}
     for trial_dir in rows.trial_dir:
         params = json.loads(Path(trial_dir, "params.json").read_text())
         if params.get("genotype") in entries:
             return genotype_for_trial(entries[params["genotype"]]["genotype"], params.get("F"))
     return None
-
-
-def _eval_stage_genotypes(sweep_dir: Path) -> dict[str, Any]:
-    """The eval stage's genotype table (id -> entry), as the driver gave it to the trials; {} if unreadable."""
-    from sweeps.driver import GENOTYPE_DIR, SweepDir, eval_genotypes
-
-    try:
-        spec = SweepDir.at(sweep_dir).load_spec()
-    except ConfigError:
-        return {}
-    searched = {p.stem: json.loads(p.read_text()) for p in (sweep_dir / GENOTYPE_DIR).glob("*.json")
-                if p.name != "index.json"}
-    return eval_genotypes(spec, searched) if spec.eval is not None else {}
 
 
 def _summary(trials: pd.DataFrame, fronts: dict) -> str:

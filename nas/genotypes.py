@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from nas.errors import ConfigError
-from nas.ops import OpOptions, check_primitive
+from nas.ops import USES_BOTTLENECK_RATIO, OpOptions, check_primitive
 
 Edge = tuple[str, int]
 
@@ -67,6 +67,11 @@ class Genotype:
     @property
     def primitives(self) -> set[str]:
         return {op for op, _ in self.normal + self.reduce}
+
+    @property
+    def uses_bottleneck_ratio(self) -> bool:
+        """Whether F changes the network (the cell has a PIBConv or ConvNeXt op)."""
+        return bool(self.primitives & USES_BOTTLENECK_RATIO)
 
     def to_dict(self) -> dict[str, Any]:
         return {

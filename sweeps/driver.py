@@ -27,8 +27,8 @@ import yaml
 from nas.errors import ConfigError
 from nas.genotypes import Genotype
 from nas.io import write_text_atomic
-from sweeps.spec import (DATASET_SHAPES, SEARCHED, Stage, SweepSpec, eval_trials, genotype_for_trial, parse_sweep,
-                         search_trials)
+from sweeps.spec import (DATASET_SHAPES, SEARCHED, Stage, SweepSpec, eval_table, eval_trials, fold_ratios,
+                         parse_sweep, search_trials)
 
 SWEEP_FILE, STATE_FILE, GENOTYPE_DIR = "sweep.yaml", "state.json", "genotypes"
 
@@ -143,8 +143,9 @@ def trial_table(spec: SweepSpec, searched: dict[str, Any] | None = None) -> list
                              "seed": stage.axes["seeds"], "epochs": stage.epochs,
                              "samples": f"{stage.search_alg.num_samples} ({stage.search_alg.type})"})
             return rows
+        table = eval_table(stage, known)
         for t in eval_trials(stage, known):
-            g = genotype_for_trial(known[t["genotype"]]["genotype"], t["F"])
+            g = Genotype.from_dict(table[t["genotype"]]["genotype"])
             cost = complexity(g, t["layers"], channels, classes, in_ch, size)
             rows.append({"stage": "eval", **t, "genotype": g.id, "epochs": stage.epochs,
                          "params_m": round(cost.params_m, 3), "gmac": round(cost.gmac, 4)})
@@ -168,7 +169,8 @@ def plan_summary(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     text = f"{len(listed)} eval trial(s)"
     if len(listed) < sum(r["stage"] == "eval" for r in rows):  # the searched cells' row
         cells = len(search_trials(spec.search)) if spec.search else 0
-        per_cell = len(eval_trials(stage, {"cell": None}))
+        F = stage.axes["F"]
+        per_cell = len(stage.axes["layers"]) * (len(F) if isinstance(F, list) else 1) * len(stage.axes["seeds"])
         text += f" + up to {cells * per_cell} on the searched cells ({per_cell} per cell, up to {cells} cells)"
     return f"{parts[0]}, {text}"
 
@@ -238,9 +240,12 @@ def _param_space(stage: Stage, genotypes: dict[str, Any] | None = None) -> dict[
         return {**common, "op_set": axis(list(stage.axes["op_sets"])), "F": axis(stage.axes["F"])}
     assert genotypes is not None
     # ids only (op set, genotype): their tables go to the trainable through Ray's object store
-    # (``_trainable``), not into every trial's config, params.json and every line of its result.json
-    return {**common, "genotype": axis(list(genotypes)), "layers": axis(stage.axes["layers"]),
-            "F": axis(stage.axes["F"])}
+    # (``_trainable``), not into every trial's config, params.json and every line of its result.json.
+    # A grid's F list is folded into the genotype ids (PIBCONV-F3), so that genotypes whose ops ignore F run
+    # once. (Not F as a tune.sample_from of the genotype: Ray 2.60 restores such trials with the placeholder.)
+    folded = fold_ratios(stage, genotypes)
+    return {**common, "genotype": axis(list(genotypes if folded is None else folded)),
+            "layers": axis(stage.axes["layers"]), "F": axis(stage.axes["F"]) if folded is None else None}
 
 
 def _tune_config(stage: Stage, spec: SweepSpec):
@@ -289,7 +294,7 @@ def _trainable(stage: Stage, genotypes: dict[str, Any] | None = None) -> Callabl
         fn = tune.with_parameters(trainables.search_trainable, op_sets=stage.axes["op_sets"])
     else:
         assert genotypes is not None
-        fn = tune.with_parameters(trainables.eval_trainable, genotypes=genotypes)
+        fn = tune.with_parameters(trainables.eval_trainable, genotypes=eval_table(stage, genotypes))
     res = {"cpu": stage.resources["cpu"], "gpu": stage.resources["gpu"]}
     return tune.with_resources(fn, res)
 

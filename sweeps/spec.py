@@ -341,22 +341,58 @@ def search_trials(stage: Stage) -> list[dict[str, Any]]:
             for op_id, m in stage.axes["op_sets"].items() for seed in stage.axes["seeds"]]
 
 
+def fold_ratios(stage: Stage, genotypes: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The genotypes a grid over an F list trains (id -> entry), with F folded in: a genotype whose ops use F
+    once per F, as that F's variant (``PIBCONV-F3``, or a new hash for a searched cell; its entry holds the
+    variant), and a genotype whose ops ignore F (DARTS_V2) once, where genotypes x F would train the same
+    network at every F. None when there is no F list to fold (no F axis, or a sampler draws F)."""
+    ratios = stage.axes["F"]
+    if not isinstance(ratios, list) or stage.search_alg.type != "grid":
+        return None
+    cells: dict[str, Any] = {}
+    for gid, entry in genotypes.items():
+        if not Genotype.from_dict(entry["genotype"]).uses_bottleneck_ratio:
+            cells[gid] = entry
+            continue
+        for ratio in ratios:
+            variant = genotype_for_trial(entry["genotype"], ratio)
+            if variant.id == gid:
+                cells[gid] = entry
+            else:  # the source's op set and F no longer describe the variant: trials name its own op set
+                cells[variant.id] = {**{k: v for k, v in entry.items() if k not in ("op_set", "F")},
+                                     "genotype": variant.to_dict(), "variant_of": gid}
+    return cells
+
+
+def ratio_of(entry: Mapping[str, Any]) -> float | None:
+    """The F of a genotype table entry's network; None where its ops ignore F."""
+    g = Genotype.from_dict(entry["genotype"])
+    return g.options.bottleneck_ratio if g.uses_bottleneck_ratio else None
+
+
+def eval_table(stage: Stage, genotypes: Mapping[str, Any]) -> dict[str, Any]:
+    """Every genotype an eval trial's config may name (id -> entry): the stage's and their F variants."""
+    return {**genotypes, **(fold_ratios(stage, genotypes) or {})}
+
+
 def eval_trials(stage: Stage, genotypes: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Grid eval trials for the given resolved genotypes (id -> dict)."""
-    layers, F = stage.axes["layers"], stage.axes["F"]
-    ratios = F if isinstance(F, list) else [None]
-    return [{"genotype": gid, "layers": n, "F": ratio, "seed": seed}
-            for gid, n, ratio, seed in itertools.product(genotypes, layers, ratios, stage.axes["seeds"])]
+    """Grid eval trials (genotype id, layers, F, seed) for the given resolved genotypes (id -> entry), an F
+    list folded into the genotypes (:func:`fold_ratios`); F is None where the genotype's ops ignore it."""
+    folded = fold_ratios(stage, genotypes)
+    return [{"genotype": gid, "layers": n, "F": None if folded is None else ratio_of(entry), "seed": seed}
+            for gid, entry in (genotypes if folded is None else folded).items()
+            for n, seed in itertools.product(stage.axes["layers"], stage.axes["seeds"])]
 
 
 def genotype_for_trial(genotype: Mapping[str, Any], F: float | None) -> Genotype:
+    """``genotype`` with bottleneck ratio F; another F than its own is named after it: PIBCONV-F3, or, for
+    a searched cell (a hash id), g-ae04bd0a-F3."""
     g = Genotype.from_dict(genotype)
-    if F is None:
+    if F is None or g.options.bottleneck_ratio == float(F):
         return g
     from dataclasses import replace
 
-    return replace(g, options=replace(g.options, bottleneck_ratio=float(F)), name=None if g.name is None else
-                   (g.name if g.options.bottleneck_ratio == float(F) else f"{g.name}-F{float(F):g}"))
+    return replace(g, options=replace(g.options, bottleneck_ratio=float(F)), name=f"{g.id}-F{float(F):g}")
 
 
 def op_set_id_for(genotype: Genotype) -> str:

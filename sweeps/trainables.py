@@ -135,7 +135,8 @@ def eval_trial_config(config: dict[str, Any], genotypes: Mapping[str, Any]) -> t
     in_ch, size, classes = DATASET_SHAPES[cfg.dataset]
     cost = complexity(genotype, cfg.layers, cfg.channels, classes, in_ch, size)
     fixed = {"stage": "eval", "genotype_id": genotype.id, "op_set": entry.get("op_set") or op_set_id_for(genotype),
-             "F": genotype.options.bottleneck_ratio, "layers": cfg.layers, "seed": cfg.seed,
+             "F": genotype.options.bottleneck_ratio if genotype.uses_bottleneck_ratio else None,
+             "layers": cfg.layers, "seed": cfg.seed,
              "params_m": cost.params_m, "gmac": cost.gmac, "source_trial": entry.get("source_trial")}
     return cfg, fixed
 
@@ -159,7 +160,7 @@ def trial_dirname(trial: Any) -> str:
     if "op_set" in c:
         f = f"_F{c['F']:g}" if c.get("F") is not None else ""
         return f"search_{c['op_set']}{f}_s{c['seed']}_{trial.trial_id}"
-    f = f"_F{float(c['F']):.3g}" if c.get("F") is not None else ""
+    f = f"_F{float(c['F']):.3g}" if c.get("F") is not None else ""  # a folded grid's genotype id says its F
     return f"eval_{c['genotype']}_L{c['layers']}{f}_s{c['seed']}_{trial.trial_id}"
 
 

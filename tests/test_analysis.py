@@ -55,7 +55,7 @@ def mixed_sweep(tmp_path_factory):
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
-            dirs = [d for d in stage.glob("eval_*F2_*") if (d / "result.json").exists()]
+            dirs = [d for d in stage.glob("eval_PIBCONV_L*") if (d / "result.json").exists()]  # F = 2, its own
             if any(epochs_of(d)[-1:] == [EPOCHS] for d in dirs) and len(list(stage.glob("eval_*/error.txt"))):
                 time.sleep(2.5)  # past one experiment-state save; two more waves of F=2 trials are still to run
                 break

@@ -28,8 +28,10 @@ def trial_dirs(stage_dir: Path) -> list[Path]:
 
 
 def test_driver_sigkill_then_resume(tmp_path):
+    # DARTS_V2 has no op that uses F: the F list is folded away (4 trials, not 8), and the resumed grid's F
+    # comes from Ray's restored sample_from
     raw = sweep_file(tmp_path, "killed", evaluation={"genotypes": ["DARTS_V2"], "layers": [1, 2], "seeds": [0, 1],
-                                                     "epochs": EPOCHS, "max_steps_per_epoch": STEPS,
+                                                     "F": [2.0, 3.0], "epochs": EPOCHS, "max_steps_per_epoch": STEPS,
                                                      "channels": 16, "batch_size": 32})
     raw["max_concurrent_trials"] = 1  # one at a time: three trials are left when the first is done
     file = tmp_path / "killed.yaml"
@@ -72,6 +74,7 @@ def test_driver_sigkill_then_resume(tmp_path):
         for d, content in finished.items():
             assert (d / "result.json").read_bytes() == content  # finished trials untouched
         assert status.returncode == 0 and status.stdout.strip().splitlines()[-1] == "trials: 4 finished"
+        assert all(json.loads((d / "params.json").read_text())["F"] is None for d in dirs)
     finally:
         try:
             os.killpg(driver.pid, signal.SIGKILL)  # Ray processes the killed driver left behind

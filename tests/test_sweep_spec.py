@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from nas.errors import ConfigError
+from nas.genotypes import Genotype
 from sweeps.driver import plan_summary, trial_table
 from sweeps.spec import builtin_sweeps, load_sweep, parse_sweep
 
@@ -90,6 +91,52 @@ def test_plan_summary_counts_what_each_stage_will_run():
     raw["eval"]["genotypes"] = ["PIBCONV"]
     assert plan_summary(parse_sweep(raw), trial_table(parse_sweep(raw))) == \
         "0 search trial(s), 5 eval trial(s) sampled by random"
+
+
+def test_eval_F_list_trains_genotypes_that_ignore_F_once():
+    """genotypes x F would train DARTS_V2 (no op that uses F) once per F, the same network each time."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from sweeps.driver import _param_space, eval_genotypes
+    from sweeps.spec import eval_table
+    from sweeps.trainables import eval_trial_config
+
+    raw = with_("eval.genotypes", ["DARTS_V2", "PIBCONV"])
+    del raw["search"]
+    raw["eval"].update(F=[2.0, 3.0], layers=[1, 2], seeds=[0])
+    spec = parse_sweep(raw)
+    rows = trial_table(spec)
+    assert sorted((r["genotype"], r["F"], r["layers"]) for r in rows) == sorted(
+        [("DARTS_V2", None, n) for n in (1, 2)] + [(g, f, n) for g, f in (("PIBCONV", 2.0), ("PIBCONV-F3", 3.0))
+                                                   for n in (1, 2)])
+    assert plan_summary(spec, rows) == "0 search trial(s), 6 eval trial(s)"
+    # what Ray's grid expands to, and what each trial then trains
+    genotypes = eval_genotypes(spec, {})
+    configs = [c for _, c in generate_variants(_param_space(spec.eval, genotypes))]
+    trained = [eval_trial_config(c, eval_table(spec.eval, genotypes))[1] for c in configs]
+    got = sorted((t["genotype_id"], t["F"], t["layers"], t["op_set"]) for t in trained)
+    assert got == sorted([("DARTS_V2", None, n, "darts") for n in (1, 2)]
+                         + [(g, f, n, o) for g, f, o in (("PIBCONV", 2.0, "pibconv"), ("PIBCONV-F3", 3.0, "pibconv-F3"))
+                            for n in (1, 2)])
+    pib3 = [t for t in trained if t["genotype_id"] == "PIBCONV-F3"]
+    assert pib3[0]["params_m"] > [t for t in trained if t["genotype_id"] == "PIBCONV" and t["layers"] == 1][0]["params_m"]
+    # a searched cell (a hash id) gets a variant per other F, named after it; the search's op set no longer
+    # describes the variant, so its trials name their own
+    from nas.genotypes import PIBCONV
+    from sweeps.spec import fold_ratios
+
+    cell = {**PIBCONV.to_dict(), "name": None}
+    gid = Genotype.from_dict(cell).id
+    folded = fold_ratios(spec.eval, {gid: {"genotype": cell, "op_set": "pibconv", "F": 2.0, "source_trial": "x"}})
+    assert list(folded) == [gid, f"{gid}-F3"] and folded[gid]["op_set"] == "pibconv"
+    variant = folded[f"{gid}-F3"]
+    assert Genotype.from_dict(variant["genotype"]).options.bottleneck_ratio == 3.0 and "op_set" not in variant
+    assert variant["variant_of"] == gid and variant["source_trial"] == "x"
+    # a sampler draws F for every trial: nothing to fold there
+    raw["eval"]["search_alg"] = {"type": "random", "num_samples": 3}
+    sampled = parse_sweep(raw)
+    space = _param_space(sampled.eval, eval_genotypes(sampled, {}))
+    assert space["F"] is not None and eval_table(sampled.eval, eval_genotypes(sampled, {})).keys() == {"DARTS_V2", "PIBCONV"}
 
 
 def test_op_sets_that_ignore_F_are_not_duplicated():
