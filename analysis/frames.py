@@ -133,10 +133,13 @@ def eval_stage_table(sweep_dir: Path) -> dict[str, Any]:
 
 
 def _ratio(reported: Any, genotype_id: Any, table: dict[str, Any]) -> float:
-    """A trial's F: as reported or configured, else (a folded grid's trial that never reported) its genotype's."""
+    """A trial's F: NaN where its genotype's ops ignore F (trials before this release reported DARTS_V2's
+    unused 2.0); else as reported or configured (a sampler's draw), else its genotype's (a folded grid's
+    trial that never reported)."""
+    own = _num(ratio_of(table[genotype_id])) if genotype_id in table else None
     value = _num(reported)
-    if math.isnan(value) and genotype_id in table:
-        return _num(ratio_of(table[genotype_id]))
+    if own is not None and (math.isnan(own) or math.isnan(value)):
+        return own
     return value
 
 

@@ -55,6 +55,14 @@ def pareto_set(trials: pd.DataFrame, cost: str = "gmac", accuracy: str = "final_
     return done[pareto_mask(done[accuracy].to_numpy(), done[cost].to_numpy())].sort_values([cost, accuracy])
 
 
+def ratio_curves(trials: pd.DataFrame, accuracy: str = "final_acc") -> pd.DataFrame:
+    """Mean/std accuracy per (layers, F) over the finished eval trials at that F (cells and seeds); trials
+    whose genotype ignores F (F NaN) are left out."""
+    done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=["F", accuracy])
+    grouped = done.groupby(["layers", "F"])[accuracy]
+    return grouped.agg(acc_mean="mean", acc_std="std", n="size").reset_index()
+
+
 def layer_curves(trials: pd.DataFrame, by: str = "genotype_id", accuracy: str = "final_acc") -> pd.DataFrame:
     """Mean/std accuracy per (``by``, layers) over seeds, finished eval trials only."""
     done = trials[(trials.stage == "eval") & (trials.status == "finished")]

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.frames import trial_history  # noqa: E402
-from analysis.pareto import layer_curves, pareto_mask  # noqa: E402
+from analysis.pareto import layer_curves, pareto_mask, ratio_curves  # noqa: E402
 from nas.genotypes import Genotype  # noqa: E402
 
 FORMATS = ("png", "svg")
@@ -75,6 +75,26 @@ def accuracy_vs_layers(trials: pd.DataFrame, out: Path, by: str = "cell") -> lis
     if len(curves):
         ax.legend(title="genotype" if by == "cell" else by.replace("_", " "), fontsize=8)
     return _save(fig, out, "accuracy_vs_layers")
+
+
+def accuracy_vs_ratio(trials: pd.DataFrame, out: Path) -> list[Path]:
+    """Test accuracy vs bottleneck ratio F, one curve per layer count, each point the mean and std over the
+    finished eval trials at that F (cells and seeds): an F sweep's result. Drawn only when they span two or
+    more F values; genotypes whose ops ignore F (F blank) are left out."""
+    curves = ratio_curves(trials)
+    if curves.F.nunique() < 2:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for layers, group in curves.groupby("layers"):
+        group = group.sort_values("F")
+        ax.errorbar(group.F, group.acc_mean, yerr=group.acc_std.fillna(0), marker="o", capsize=3,
+                    label=f"{int(layers)}")
+    ax.set_xlabel("bottleneck ratio F (C_inv / C)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs bottleneck ratio (mean over cells and seeds at each F)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="layers", fontsize=8)
+    return _save(fig, out, "accuracy_vs_F")
 
 
 def accuracy_vs_cost(trials: pd.DataFrame, out: Path, cost: str = "gmac") -> list[Path]:

@@ -69,6 +69,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, edge: int = 0)
         fronts[cost] = (front, ref, hv)
         figures += plots.accuracy_vs_cost(trials, out, cost)
     figures += plots.accuracy_vs_layers(trials, out)
+    figures += plots.accuracy_vs_ratio(trials, out)
     search = trials[trials.stage == "search"]
     if len(search):
         figures += plots.search_accuracy(history, trials, out)

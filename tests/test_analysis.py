@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from analysis.frames import TRIAL_COLUMNS, load_frames
-from analysis.pareto import hypervolume, pareto_mask
+from analysis.pareto import hypervolume, pareto_mask, ratio_curves
 from analysis.report import analyze, table1
 from nas.errors import ConfigError
 from tests.ray_helpers import epochs_of, sweep_file
@@ -36,6 +36,27 @@ def test_hypervolume_known_answer():
     assert hypervolume(np.append(acc, [85.0, 99.0]), np.append(cost, [1.5, 5.0]), (0.0, 3.0)) == \
         pytest.approx(225.0)
     assert hypervolume(acc, cost, (96.0, 3.0)) == 0.0
+
+
+def test_accuracy_vs_F_averages_each_layer_count_and_F_and_needs_two_ratios(tmp_path):
+    from analysis.plots import accuracy_vs_ratio
+
+    rows = [{"stage": "eval", "status": "finished", "F": f, "layers": n, "final_acc": acc, "genotype_id": g}
+            for g, f, n, acc in [("a", 2.0, 4, 90.0), ("a", 2.0, 4, 92.0), ("b", 3.0, 4, 93.0), ("a", 2.0, 8, 94.0),
+                                 ("b", 3.0, 8, 95.0), ("DARTS_V2", float("nan"), 4, 99.0)]]
+    rows.append({**rows[0], "status": "errored", "F": 9.0})
+    trials = pd.DataFrame(rows)
+    curves = ratio_curves(trials)
+    assert curves[["layers", "F", "acc_mean", "n"]].values.tolist() == [[4, 2.0, 91.0, 2], [4, 3.0, 93.0, 1],
+                                                                          [8, 2.0, 94.0, 1], [8, 3.0, 95.0, 1]]
+    assert curves.acc_std.iloc[0] == pytest.approx(np.std([90.0, 92.0], ddof=1))
+    paths = accuracy_vs_ratio(trials, tmp_path)
+    assert [p.name for p in paths] == ["accuracy_vs_F.png", "accuracy_vs_F.svg"]
+    pixels = np.asarray(Image.open(paths[0]).convert("L"))
+    assert pixels.std() > 5 and (pixels < 128).mean() > 0.005
+    # one finished F only (the errored 9.0 and F-less DARTS_V2 do not count): nothing to draw
+    assert accuracy_vs_ratio(trials[trials.F != 3.0], tmp_path / "one") == []
+    assert not (tmp_path / "one").exists()
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ def test_two_stage_sweep_end_to_end(tmp_path):
     assert (searched.cell == searched.genotype_id + " (" + searched.op_set + ")").all()
     assert set(searched.op_set) == {index[g]["op_set"] for g in index} <= {"pibconv", "pibconv-F3"}
     assert set(evals[evals.genotype_id == "DARTS_V2"].cell) == {"DARTS_V2"}
+    assert evals[evals.genotype_id == "DARTS_V2"].F.isna().all()  # its ops ignore F: no F to report
     assert set(table1(trials)["Genotype"]) == set(evals.cell)
     # a trial's config names its op set or genotype; the stage's table of them is not copied into every trial
     for stage, key, table, ids in (("eval", "genotype", "genotypes", set(index) | {"DARTS_V2"}),
