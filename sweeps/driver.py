@@ -159,20 +159,20 @@ def trial_table(spec: SweepSpec, searched: dict[str, Any] | None = None) -> list
 def plan_summary(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     """How many trials each stage will run, from ``trial_table``'s rows: a grid's count, a sampler's
     ``num_samples``, and the most the searched cells can add (the search decides how many cells there are)."""
-    parts = [f"{sum(r['stage'] == 'search' for r in rows)} search trial(s)"]
+    search = f"{sum(r['stage'] == 'search' for r in rows)} search trial(s)"
     stage = spec.eval
     if stage is None:
-        return parts[0]
+        return search
     if stage.search_alg.type != "grid":
-        return f"{parts[0]}, {stage.search_alg.num_samples} eval trial(s) sampled by {stage.search_alg.type}"
+        return f"{search}, {stage.search_alg.num_samples} eval trial(s) sampled by {stage.search_alg.type}"
     listed = [r for r in rows if r["stage"] == "eval" and isinstance(r.get("layers"), int)]
-    text = f"{len(listed)} eval trial(s)"
+    text = f"{search}, {len(listed)} eval trial(s)"
     if len(listed) < sum(r["stage"] == "eval" for r in rows):  # the searched cells' row
         cells = len(search_trials(spec.search)) if spec.search else 0
         F = stage.axes["F"]
         per_cell = len(stage.axes["layers"]) * (len(F) if isinstance(F, list) else 1) * len(stage.axes["seeds"])
         text += f" + up to {cells * per_cell} on the searched cells ({per_cell} per cell, up to {cells} cells)"
-    return f"{parts[0]}, {text}"
+    return text
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

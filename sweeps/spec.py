@@ -343,8 +343,8 @@ def search_trials(stage: Stage) -> list[dict[str, Any]]:
 
 def fold_ratios(stage: Stage, genotypes: Mapping[str, Any]) -> dict[str, Any] | None:
     """The genotypes a grid over an F list trains (id -> entry), with F folded in: a genotype whose ops use F
-    once per F, as that F's variant (``PIBCONV-F3``, or a new hash for a searched cell; its entry holds the
-    variant), and a genotype whose ops ignore F (DARTS_V2) once, where genotypes x F would train the same
+    once per F, as that F's variant (``PIBCONV-F3``, ``g-ae04bd0a-F3`` for a searched cell; its entry holds
+    the variant), and a genotype whose ops ignore F (DARTS_V2) once, where genotypes x F would train the same
     network at every F. None when there is no F list to fold (no F axis, or a sampler draws F)."""
     ratios = stage.axes["F"]
     if not isinstance(ratios, list) or stage.search_alg.type != "grid":
