@@ -174,6 +174,9 @@ def test_cells_of_f_variants_are_rebuilt_from_the_frozen_sweep_file(tmp_path):
     geno = _genotype(tmp_path, "PIBCONV-F3", trials)
     assert geno is not None and geno.id == "PIBCONV-F3" and geno.options.bottleneck_ratio == 3.0
     assert (geno.normal, geno.reduce) == (PIBCONV.normal, PIBCONV.reduce)
+    # the same trial as a grid now writes it: F folded into the genotype id
+    (trial_dir / "params.json").write_text('{"genotype": "PIBCONV-F3", "F": null, "layers": 2, "seed": 0}')
+    assert _genotype(tmp_path, "PIBCONV-F3", trials) == geno
     assert _genotype(tmp_path, "g-unknown", trials) is None
     (tmp_path / "sweep.yaml").unlink()  # no frozen file (a partial copy): nothing to rebuild from
     assert _genotype(tmp_path, "PIBCONV-F3", trials) is None
