@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -75,8 +76,9 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, edge: int = 0)
         figures += plots.search_accuracy(history, trials, out)
         best = search.sort_values("best_acc", ascending=False).iloc[0]
         figures += plots.alpha_evolution(best.trial_dir, out, edge=edge)
+    table = eval_stage_table(sweep_dir)
     for gid in sorted(set(trials[trials.stage == "eval"].genotype_id.dropna())):
-        geno = _genotype(sweep_dir, gid, trials)
+        geno = _genotype(sweep_dir, gid, trials, table)
         if geno is not None:
             for cell in ("normal", "reduce"):
                 figures += plots.draw_cell(geno, cell, out / "cells" / gid)
@@ -91,7 +93,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, edge: int = 0)
     return out, summary
 
 
-def _genotype(sweep_dir: Path, gid: str, trials: pd.DataFrame) -> Genotype | None:
+def _genotype(sweep_dir: Path, gid: str, trials: pd.DataFrame, table: dict[str, Any]) -> Genotype | None:
     from nas.genotypes import GENOTYPES
 
     if gid in GENOTYPES:
@@ -101,11 +103,10 @@ def _genotype(sweep_dir: Path, gid: str, trials: pd.DataFrame) -> Genotype | Non
         return Genotype.from_dict(json.loads(path.read_text())["genotype"])
     # a genotype file's cell or an F variant: rebuilt from the frozen sweep file, as its trials built it
     rows = trials[(trials.genotype_id == gid) & (trials.stage == "eval")]
-    entries = eval_stage_table(sweep_dir) if len(rows) else {}
     for trial_dir in rows.trial_dir:
         params = json.loads(Path(trial_dir, "params.json").read_text())
-        if params.get("genotype") in entries:
-            return genotype_for_trial(entries[params["genotype"]]["genotype"], params.get("F"))
+        if params.get("genotype") in table:
+            return genotype_for_trial(table[params["genotype"]]["genotype"], params.get("F"))
     return None
 
 

@@ -73,6 +73,11 @@ class Genotype:
         """Whether F changes the network (the cell has a PIBConv or ConvNeXt op)."""
         return bool(self.primitives & USES_BOTTLENECK_RATIO)
 
+    @property
+    def used_bottleneck_ratio(self) -> float | None:
+        """F where an op uses it, else None (what trials report as their F)."""
+        return self.options.bottleneck_ratio if self.uses_bottleneck_ratio else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -46,6 +46,11 @@ class OpSet:
         return any(p in USES_BOTTLENECK_RATIO for p in self.primitives)
 
     @property
+    def used_bottleneck_ratio(self) -> float | None:
+        """F where an op uses it, else None (what trials report as their F)."""
+        return self.options.bottleneck_ratio if self.uses_bottleneck_ratio else None
+
+    @property
     def id(self) -> str:
         """Preset name (with ``-F<ratio>`` when F differs from the preset's), else ``custom-<hash>``."""
         for name, preset in OP_SETS.items():

@@ -336,8 +336,7 @@ def load_sweep(file_or_name: str | Path) -> SweepSpec:
 
 def search_trials(stage: Stage) -> list[dict[str, Any]]:
     """The grid's search trials (op set id, F, seed); random/optuna stages list their space instead."""
-    return [{"op_set": op_id, "F": OpSet.from_dict(m).options.bottleneck_ratio if OpSet.from_dict(m).uses_bottleneck_ratio
-             else None, "seed": seed}
+    return [{"op_set": op_id, "F": OpSet.from_dict(m).used_bottleneck_ratio, "seed": seed}
             for op_id, m in stage.axes["op_sets"].items() for seed in stage.axes["seeds"]]
 
 
@@ -366,8 +365,7 @@ def fold_ratios(stage: Stage, genotypes: Mapping[str, Any]) -> dict[str, Any] | 
 
 def ratio_of(entry: Mapping[str, Any]) -> float | None:
     """The F of a genotype table entry's network; None where its ops ignore F."""
-    g = Genotype.from_dict(entry["genotype"])
-    return g.options.bottleneck_ratio if g.uses_bottleneck_ratio else None
+    return Genotype.from_dict(entry["genotype"]).used_bottleneck_ratio
 
 
 def eval_table(stage: Stage, genotypes: Mapping[str, Any]) -> dict[str, Any]:

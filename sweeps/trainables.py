@@ -115,7 +115,7 @@ def search_trainable(config: dict[str, Any], op_sets: Mapping[str, Any]) -> None
     cfg = SearchConfig(**{**config["base"], "op_set": op_set, "seed": int(config["seed"])})
     resolved = cfg.resolved_op_set()
     fixed = {"stage": "search", "op_set": resolved.id, "seed": cfg.seed,
-             "F": resolved.options.bottleneck_ratio if resolved.uses_bottleneck_ratio else None}
+             "F": resolved.used_bottleneck_ratio}
     state, history = _restore()
     try:
         run_search(cfg, device=_device(), resume=state,
@@ -135,8 +135,7 @@ def eval_trial_config(config: dict[str, Any], genotypes: Mapping[str, Any]) -> t
     in_ch, size, classes = DATASET_SHAPES[cfg.dataset]
     cost = complexity(genotype, cfg.layers, cfg.channels, classes, in_ch, size)
     fixed = {"stage": "eval", "genotype_id": genotype.id, "op_set": entry.get("op_set") or op_set_id_for(genotype),
-             "F": genotype.options.bottleneck_ratio if genotype.uses_bottleneck_ratio else None,
-             "layers": cfg.layers, "seed": cfg.seed,
+             "F": genotype.used_bottleneck_ratio, "layers": cfg.layers, "seed": cfg.seed,
              "params_m": cost.params_m, "gmac": cost.gmac, "source_trial": entry.get("source_trial")}
     return cfg, fixed
 

@@ -162,6 +162,7 @@ def test_analyze_rejects_non_sweep(tmp_path):
 def test_cells_of_f_variants_are_rebuilt_from_the_frozen_sweep_file(tmp_path):
     """An eval trial's genotype at another F is neither built in nor in genotypes/: analysis rebuilds it from
     sweep.yaml and the trial's params, as the trial did (the trials' configs name their genotype only)."""
+    from analysis.frames import eval_stage_table
     from analysis.report import _genotype
     from nas.genotypes import PIBCONV
 
@@ -171,12 +172,12 @@ def test_cells_of_f_variants_are_rebuilt_from_the_frozen_sweep_file(tmp_path):
     trial_dir.mkdir(parents=True)
     (trial_dir / "params.json").write_text('{"genotype": "PIBCONV", "F": 3.0, "layers": 2, "seed": 0}')
     trials = pd.DataFrame({"genotype_id": ["PIBCONV-F3"], "stage": ["eval"], "trial_dir": [str(trial_dir)]})
-    geno = _genotype(tmp_path, "PIBCONV-F3", trials)
+    geno = _genotype(tmp_path, "PIBCONV-F3", trials, eval_stage_table(tmp_path))
     assert geno is not None and geno.id == "PIBCONV-F3" and geno.options.bottleneck_ratio == 3.0
     assert (geno.normal, geno.reduce) == (PIBCONV.normal, PIBCONV.reduce)
     # the same trial as a grid now writes it: F folded into the genotype id
     (trial_dir / "params.json").write_text('{"genotype": "PIBCONV-F3", "F": null, "layers": 2, "seed": 0}')
-    assert _genotype(tmp_path, "PIBCONV-F3", trials) == geno
-    assert _genotype(tmp_path, "g-unknown", trials) is None
+    assert _genotype(tmp_path, "PIBCONV-F3", trials, eval_stage_table(tmp_path)) == geno
+    assert _genotype(tmp_path, "g-unknown", trials, eval_stage_table(tmp_path)) is None
     (tmp_path / "sweep.yaml").unlink()  # no frozen file (a partial copy): nothing to rebuild from
-    assert _genotype(tmp_path, "PIBCONV-F3", trials) is None
+    assert _genotype(tmp_path, "PIBCONV-F3", trials, eval_stage_table(tmp_path)) is None
