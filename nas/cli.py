@@ -140,6 +140,18 @@ def cmd_genotypes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from nas.data import download_dataset
+
+    files = download_dataset(args.dataset, args.data_dir)
+    folder = files[0].path.parent
+    print(f"{args.dataset}: {len(files)} files in {folder}, each checked against torchvision's MD5")
+    for f in files:
+        print(f"  {f.md5}  {f.path.name}")
+    print(f"sweep files reach it with `dataset: {args.dataset}` and `data_dir: {folder.parent}`", file=sys.stderr)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -195,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("genotypes", help="list built-in genotypes and op-set presets")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_genotypes)
+
+    data = sub.add_parser("data", help="fetch a data set on a machine with internet").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION")
+    p = data.add_parser("download", help="download CIFAR-10/100 (or check a copy), printing files and MD5s")
+    p.add_argument("dataset", choices=("cifar10", "cifar100"))
+    p.add_argument("--data-dir", default="./data", help="the folder to put it in (default ./data)")
+    p.set_defaults(func=cmd_data_download)
 
     for module in ("sweeps.cli", "analysis.cli", "nas.bench"):
         try:

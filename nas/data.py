@@ -4,14 +4,18 @@ Like airbench: the whole data set lives on the device, augmentation (random crop
 horizontal flip, cutout) is a handful of batched tensor ops, and no per-image Python runs in the
 training loop. ``cifar10``/``cifar100`` come through torchvision; ``digits`` is scikit-learn's
 bundled 8x8 digits (no download), for smoke runs and tests.
+
+In a sweep the driver loads a data set once and ships it to the trials as numpy arrays through Ray's
+object store (:func:`to_arrays` / :func:`from_arrays`), so worker nodes need neither internet nor a copy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -83,23 +87,48 @@ def _digits() -> ImageData:
                      (x.std().item(),), 10, crop_padding=1, cutout_length=4)
 
 
-def _cifar(name: str, data_dir: str | Path, download: bool) -> ImageData:
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)
+
+
+def _cifar_class(name: str):
     import torchvision
 
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    root = Path(data_dir).expanduser()
+    return torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+
+
+def download_hint(name: str, root: Path) -> str:
+    return (f"on a machine with internet run `dartsweep data download {name} --data-dir {root}` (or copy "
+            f"{CIFAR_FOLDERS[name]}/ there)")
+
+
+def _online(timeout: float = 3.0) -> bool:
+    """Whether the CIFAR host answers; torchvision's download has no time-out of its own, so ask first."""
+    import socket
+
+    try:
+        socket.create_connection(DOWNLOAD_HOST, timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cifar(name: str, data_dir: str | Path, download: bool) -> ImageData:
+    cls = _cifar_class(name)
+    root = Path(data_dir).expanduser().resolve()
     try:
         train = cls(str(root), train=True, download=False)
     except RuntimeError:
         if not download:
-            raise ConfigError(f"{name} not found in {root.resolve()}; download it there or pass a --data-dir "
-                              "that holds it") from None
+            raise ConfigError(f"{name} not found (or corrupted) in {root}; {download_hint(name, root)}") from None
+        if not _online():
+            raise ConfigError(f"{name} not found in {root} and this machine is offline; "
+                              f"{download_hint(name, root)}") from None
         try:
             train = cls(str(root), train=True, download=True)
         except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
-            raise ConfigError(f"{name} not found in {root.resolve()} and the download failed "
-                              f"({type(exc).__name__}); fetch it on a machine with internet into that "
-                              "folder") from None
+            raise ConfigError(f"{name} not found in {root} and the download failed ({type(exc).__name__}); "
+                              f"{download_hint(name, root)}") from None
     test = cls(str(root), train=False, download=False)
 
     def as_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,27 +143,79 @@ def load_dataset(name: str, data_dir: str | Path = "./data", download: bool = Tr
     """Load ``name`` (cifar10, cifar100, digits) into CPU uint8 tensors; CIFAR downloads when missing."""
     if name == "digits":
         return _digits()
-    if name in ("cifar10", "cifar100"):
+    if name in CIFAR_FOLDERS:
         return _cifar(name, data_dir, download)
     raise ConfigError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
 
 
-def check_dataset_available(name: str, data_dir: str | Path) -> None:
-    """Fail early (before any cluster work) when a data set is neither present nor downloadable."""
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
-    if name == "digits":
-        return
-    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
-    if (Path(data_dir).expanduser() / folder).is_dir():
-        return
-    import socket
+@dataclass(frozen=True)
+class DataFile:
+    """One file of a CIFAR data set on disk and whether its MD5 is the one torchvision expects."""
 
-    try:
-        socket.create_connection(("www.cs.toronto.edu", 443), timeout=3).close()
-    except OSError:
-        raise ConfigError(f"{name} not found in {Path(data_dir).expanduser().resolve()} and this machine is "
-                          "offline; download it into that folder first") from None
+    path: Path
+    md5: str
+    expected_md5: str
+
+    @property
+    def ok(self) -> bool:
+        return self.md5 == self.expected_md5
+
+
+def dataset_files(name: str, data_dir: str | Path) -> list[DataFile]:
+    """The files of CIFAR data set ``name`` under ``data_dir`` with their checksums (missing: md5 '')."""
+    from torchvision.datasets.utils import calculate_md5
+
+    if name not in CIFAR_FOLDERS:
+        raise ConfigError(f"only cifar10 and cifar100 are downloaded; {name!r} is not (digits ships with "
+                          "scikit-learn)")
+    cls = _cifar_class(name)
+    folder = Path(data_dir).expanduser().resolve() / cls.base_folder
+    expected = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
+    return [DataFile(folder / f, calculate_md5(str(folder / f)) if (folder / f).is_file() else "", md5)
+            for f, md5 in expected]
+
+
+def download_dataset(name: str, data_dir: str | Path) -> list[DataFile]:
+    """Make sure CIFAR data set ``name`` is complete in ``data_dir``, downloading it if it is not; returns
+    its files, each checked against torchvision's checksum."""
+    files = dataset_files(name, data_dir)
+    if not all(f.ok for f in files):
+        root = Path(data_dir).expanduser().resolve()
+        if any(f.md5 for f in files):  # a partial or corrupted copy: torchvision would re-extract over it
+            bad = next(f for f in files if not f.ok)
+            raise ConfigError(f"{bad.path} is {'corrupted' if bad.md5 else 'missing'} (md5 {bad.md5 or '-'}, "
+                              f"expected {bad.expected_md5}); delete {bad.path.parent} and download again")
+        if not _online():
+            raise ConfigError(f"cannot reach {DOWNLOAD_HOST[0]} to download {name}; run this on a machine "
+                              f"with internet and copy {root / CIFAR_FOLDERS[name]} here")
+        root.mkdir(parents=True, exist_ok=True)
+        _cifar_class(name)(str(root), train=True, download=True)
+        files = dataset_files(name, data_dir)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- shipping
+
+def to_arrays(data: ImageData) -> dict:
+    """``data`` as numpy arrays and plain values: what travels through Ray's object store, where numpy
+    arrays are stored once per node and read without a copy by every trial there."""
+    fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
+
+
+def from_arrays(arrays: Mapping) -> ImageData:
+    """The inverse of :func:`to_arrays`. Tensors share the (read-only) object-store memory; the training
+    loops only ever index them, which copies."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return ImageData(**{k: torch.from_numpy(v) if hasattr(v, "dtype") and hasattr(v, "shape") else v
+                            for k, v in arrays.items()})
+
+
+def nbytes(data: ImageData) -> int:
+    return sum(t.numel() * t.element_size() for t in (data.train_x, data.train_y, data.test_x, data.test_y))
 
 
 # ---------------------------------------------------------------------------------------------- augmentation

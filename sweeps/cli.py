@@ -10,13 +10,14 @@ from pathlib import Path
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sweeps.driver import format_table, plan_summary, run_sweep, trial_table
+    from sweeps.driver import data_summary, format_table, plan_summary, run_sweep, trial_table
     from sweeps.spec import load_sweep
 
     spec = load_sweep(args.sweep)
     if args.dry_run:
         rows = trial_table(spec)
         print(json.dumps(rows) if args.json else format_table(rows))
+        print(f"{spec.name}: {data_summary(spec)}", file=sys.stderr)
         print(f"{spec.name}: {plan_summary(spec, rows)}; nothing launched", file=sys.stderr)
         return 0
     path = run_sweep(spec, storage=args.storage, address=args.address, verbose=args.verbose)

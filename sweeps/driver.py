@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import yaml
 
+from nas.data import CIFAR_FOLDERS, ImageData, load_dataset, nbytes, to_arrays
 from nas.errors import ConfigError
 from nas.genotypes import Genotype
 from nas.io import write_text_atomic
@@ -114,7 +115,9 @@ class SweepDir:
         if not self.is_sweep():
             raise ConfigError(f"{self.location} is not a sweep directory (no {SWEEP_FILE}); "
                               "pass the folder that `dartsweep sweep run` printed")
-        return parse_sweep(yaml.safe_load(self.read_text(SWEEP_FILE)), self.path if self.is_local else Path("."))
+        # sweep.yaml holds absolute paths (embedded genotypes); one written before that held a data_dir
+        # relative to where its driver ran, which resume keeps
+        return parse_sweep(yaml.safe_load(self.read_text(SWEEP_FILE)), Path.cwd())
 
 
 def _print(msg: str) -> None:
@@ -173,6 +176,19 @@ def plan_summary(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
         per_cell = len(stage.axes["layers"]) * (len(F) if isinstance(F, list) else 1) * len(stage.axes["seeds"])
         text += f" + up to {cells * per_cell} on the searched cells ({per_cell} per cell, up to {cells} cells)"
     return text
+
+
+def data_summary(spec: SweepSpec) -> str:
+    """Where the sweep's data comes from and how trials get it (for ``--dry-run``)."""
+    if spec.dataset == "digits":
+        where = "scikit-learn's bundled copy"
+    else:
+        present = (Path(spec.data_dir) / CIFAR_FOLDERS[spec.dataset]).is_dir()
+        where = f"{spec.data_dir} ({'present' if present else 'missing: the driver downloads it when online'})"
+    how = ("loaded once by the driver and shipped to the trials through Ray's object store"
+           if spec.data_transfer == "object_store" else "read by every trial from that folder (shared_path)")
+    return (f"data: {spec.dataset} from {where}, {how}; relative paths in a sweep file resolve against its "
+            "folder (a built-in definition's against the current directory)")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -283,30 +299,32 @@ def _trial_dirname(trial: Any) -> str:
     return trial_dirname(trial)
 
 
-def _trainable(stage: Stage, genotypes: dict[str, Any] | None = None) -> Callable:
+def _trainable(stage: Stage, genotypes: dict[str, Any] | None = None, data: ImageData | None = None) -> Callable:
     """The stage's trainable with its resources; the search stage's gets its op sets (id -> mapping), the
-    eval stage's ``genotypes`` (id -> entry)."""
+    eval stage's ``genotypes`` (id -> entry). Both get ``data`` (the driver's copy of the data set) through
+    Ray's object store; without it (``data_transfer: shared_path``) each trial reads its ``data_dir``."""
     from ray import tune
 
     from sweeps import trainables
 
+    shipped = {"data": None if data is None else to_arrays(data)}
     if stage.kind == "search":
-        fn = tune.with_parameters(trainables.search_trainable, op_sets=stage.axes["op_sets"])
+        fn = tune.with_parameters(trainables.search_trainable, op_sets=stage.axes["op_sets"], **shipped)
     else:
         assert genotypes is not None
-        fn = tune.with_parameters(trainables.eval_trainable, genotypes=eval_table(stage, genotypes))
+        fn = tune.with_parameters(trainables.eval_trainable, genotypes=eval_table(stage, genotypes), **shipped)
     res = {"cpu": stage.resources["cpu"], "gpu": stage.resources["gpu"]}
     return tune.with_resources(fn, res)
 
 
 def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict | None = None,
-               verbose: int = 1) -> Any:
+               verbose: int = 1, data: ImageData | None = None) -> Any:
     from ray import tune
 
     from sweeps.loggers import CSVLogger, JsonLogger
 
     stage_path = sweep.join(stage.kind)
-    trainable = _trainable(stage, genotypes)
+    trainable = _trainable(stage, genotypes, data)
     if tune.Tuner.can_restore(stage_path):
         _print(f"{stage.kind}: continuing the experiment in {stage_path}")
         tuner = tune.Tuner.restore(stage_path, trainable, resume_unfinished=True, resume_errored=True)
@@ -367,30 +385,52 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     if not sweep.is_empty():
         raise ConfigError(f"{sweep.location} already exists; continue it with `dartsweep sweep resume "
                           f"{sweep.location}` or change the sweep's name")
-    from nas.data import check_dataset_available
-
-    check_dataset_available(spec.dataset, spec.data_dir)
+    data = load_sweep_data(spec)
     sweep.write_text(yaml.safe_dump({**spec.raw, "storage": root.location}, sort_keys=False), SWEEP_FILE)
     sweep.write_json({"stages": {}}, STATE_FILE)
-    return _continue(spec, sweep, address, verbose)
+    return _continue(spec, sweep, address, verbose, data)
 
 
 def resume_sweep(location: str | Path, address: str | None = None, verbose: int = 1) -> str:
     """Continue a sweep: unfinished and errored trials from their last checkpoints; finished ones are kept."""
     sweep = SweepDir.at(location)
     spec = sweep.load_spec()
-    from nas.data import check_dataset_available
+    state = sweep.read_state().get("stages", {})
+    pending = [s.kind for s in (spec.search, spec.eval) if s is not None and state.get(s.kind) != "done"]
+    return _continue(spec, sweep, address, verbose, load_sweep_data(spec) if pending else None)
 
-    check_dataset_available(spec.dataset, spec.data_dir)
-    return _continue(spec, sweep, address, verbose)
+
+# Above this size a data set is better read by each trial from a shared folder (data_transfer: shared_path)
+# than shipped: Ray's object store holds 30 % of a node's memory by default, and spills to disk past it.
+SHIP_LIMIT_BYTES = 2 << 30
 
 
-def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: int) -> str:
+def load_sweep_data(spec: SweepSpec) -> ImageData | None:
+    """The data set the sweep's trials train on, loaded once by the driver (downloaded if it is missing and
+    this machine is online), before any cluster work; None with ``data_transfer: shared_path``, after the
+    same check, since then every trial reads ``data_dir`` itself."""
+    data = load_dataset(spec.dataset, spec.data_dir, download=True)
+    if spec.data_transfer == "shared_path":
+        _print(f"data: {spec.dataset} in {spec.data_dir}; every trial reads it there (data_transfer: "
+               "shared_path), so that folder must exist on every node")
+        return None
+    size = nbytes(data)
+    _print(f"data: {spec.dataset} from {spec.data_dir if spec.dataset != 'digits' else 'scikit-learn'} "
+           f"({len(data.train_y)} training, {len(data.test_y)} test images, {size / 2**20:.0f} MiB), shipped to "
+           "the trials through Ray's object store")
+    if size > SHIP_LIMIT_BYTES:
+        _print(f"warning: {size / 2**30:.1f} GiB is a lot to ship to every node; consider data_transfer: "
+               "shared_path with a data_dir every node reads")
+    return data
+
+
+def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: int,
+              data: ImageData | None) -> str:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: see README
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started = _ray_init(address)
     try:
-        _run_stages(spec, sweep, verbose)
+        _run_stages(spec, sweep, verbose, data)
     finally:
         if started:
             _ray_stop()
@@ -399,12 +439,12 @@ def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: in
     return loc
 
 
-def _run_stages(spec: SweepSpec, sweep: SweepDir, verbose: int) -> None:
+def _run_stages(spec: SweepSpec, sweep: SweepDir, verbose: int, data: ImageData | None) -> None:
     state = sweep.read_state().get("stages", {})
     searched: dict[str, Any] = {}
     if spec.search is not None:
         if state.get("search") != "done":
-            _run_stage(spec, sweep, spec.search, verbose=verbose)
+            _run_stage(spec, sweep, spec.search, verbose=verbose, data=data)
         searched = collect_genotypes(sweep)
         _print(f"search: {len(searched)} genotype(s) in {sweep.join(GENOTYPE_DIR)}")
     if spec.eval is not None and state.get("eval") != "done":
@@ -413,4 +453,4 @@ def _run_stages(spec: SweepSpec, sweep: SweepDir, verbose: int) -> None:
             sweep.mark("eval", "skipped_no_genotypes")
             _print("eval: no genotypes to evaluate (every search trial failed); see `dartsweep sweep status`")
         else:
-            _run_stage(spec, sweep, spec.eval, genotypes, verbose=verbose)
+            _run_stage(spec, sweep, spec.eval, genotypes, verbose=verbose, data=data)

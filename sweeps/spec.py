@@ -22,8 +22,11 @@ from nas.errors import ConfigError
 from nas.genotypes import GENOTYPES, Genotype, load_genotype
 from nas.opsets import OP_SETS, OpSet, resolve_op_set
 
-TOP_KEYS = {"name", "description", "dataset", "data_dir", "storage", "search", "eval", "failure",
-            "max_concurrent_trials"}
+TOP_KEYS = {"name", "description", "dataset", "data_dir", "data_transfer", "storage", "search", "eval",
+            "failure", "max_concurrent_trials"}
+# how trials get their data: the driver loads it once and Ray's object store carries it to every node
+# (default), or each trial reads data_dir itself, which must then be a folder every node sees
+DATA_TRANSFERS = ("object_store", "shared_path")
 STAGE_KEYS = {"seeds", "checkpoint_every", "resources", "search_alg", "scheduler"}
 SEARCH_GRID_KEYS = {"op_sets", "F"}
 EVAL_GRID_KEYS = {"genotypes", "layers", "F"}
@@ -166,8 +169,9 @@ class Stage:
 class SweepSpec:
     name: str
     dataset: str
-    data_dir: str
-    storage: str | None
+    data_dir: str  # absolute
+    data_transfer: str  # one of DATA_TRANSFERS
+    storage: str | None  # absolute path or URI
     search: Stage | None
     eval: Stage | None
     max_failures: int
@@ -276,8 +280,18 @@ def _eval_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, has_searc
                  _positive_int(raw.get("checkpoint_every", 1), f"{where}.checkpoint_every"), alg, scheduler)
 
 
+def resolve_path(value: Any, base_dir: Path, where: str) -> str:
+    """A path from a sweep file made absolute against ``base_dir`` (the file's folder); URIs stay as given."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: must be a path (a string), got {value!r}")
+    if "://" in value:
+        return value.rstrip("/")
+    return str((base_dir / Path(value).expanduser()).resolve())
+
+
 def parse_sweep(raw: Any, base_dir: Path = Path(".")) -> SweepSpec:
-    """Validate a parsed sweep file; relative genotype paths resolve against ``base_dir``."""
+    """Validate a parsed sweep file; relative paths in it (data_dir, storage, genotype files) resolve
+    against ``base_dir``, the sweep file's folder."""
     if not isinstance(raw, Mapping):
         raise ConfigError("a sweep file must be a YAML mapping with at least 'name' and a 'search' or 'eval' stage")
     unknown = sorted(set(raw) - TOP_KEYS)
@@ -289,7 +303,14 @@ def parse_sweep(raw: Any, base_dir: Path = Path(".")) -> SweepSpec:
     dataset = raw.get("dataset", "cifar10")
     if dataset not in DATASET_SHAPES:
         raise ConfigError(f"dataset: unknown dataset {dataset!r}; use one of {', '.join(DATASET_SHAPES)}")
-    data_dir = str(raw.get("data_dir", "./data"))
+    base_dir = base_dir.expanduser().resolve()
+    data_dir = resolve_path(raw.get("data_dir", "./data"), base_dir, "data_dir")
+    if "://" in data_dir:
+        raise ConfigError(f"data_dir: must be a folder on this machine, got {data_dir!r}; the driver ships the "
+                          "data to the trials")
+    data_transfer = raw.get("data_transfer", "object_store")
+    if data_transfer not in DATA_TRANSFERS:
+        raise ConfigError(f"data_transfer: must be one of {', '.join(DATA_TRANSFERS)}, got {data_transfer!r}")
     if "search" not in raw and "eval" not in raw:
         raise ConfigError("a sweep needs a 'search' stage, an 'eval' stage, or both")
     search = _search_stage(raw["search"], dataset, data_dir) if "search" in raw else None
@@ -306,9 +327,12 @@ def parse_sweep(raw: Any, base_dir: Path = Path(".")) -> SweepSpec:
     resolved = copy.deepcopy(dict(raw))
     if evaluation is not None:  # freeze genotype files into the sweep so later edits cannot change it
         resolved["eval"]["genotypes"] = [SEARCHED if v == SEARCHED else v for v in evaluation.axes["genotypes"].values()]
-    storage = raw.get("storage")
-    return SweepSpec(name, dataset, data_dir, None if storage is None else str(storage), search, evaluation,
-                     max_failures, mct, resolved)
+    storage = None if raw.get("storage") is None else resolve_path(raw["storage"], base_dir, "storage")
+    resolved["data_dir"] = data_dir  # the frozen sweep.yaml records absolute paths
+    if storage is not None:
+        resolved["storage"] = storage
+    return SweepSpec(name, dataset, data_dir, data_transfer, storage, search, evaluation, max_failures, mct,
+                     resolved)
 
 
 def builtin_sweeps() -> dict[str, Path]:
@@ -317,19 +341,26 @@ def builtin_sweeps() -> dict[str, Path]:
 
 
 def load_sweep(file_or_name: str | Path) -> SweepSpec:
-    """Load a sweep from a YAML path or a built-in definition name (``quickstart``, ``paper_table1``, ...)."""
+    """Load a sweep from a YAML path or a built-in definition name (``quickstart``, ``paper_table1``, ...).
+
+    Relative paths in a file resolve against the file's folder; in a built-in definition (which lives
+    inside the installed package) against the current directory."""
     text = str(file_or_name)
     path = Path(text)
+    base_dir = path.parent
     if not path.is_file():
         known = builtin_sweeps()
         if text not in known:
             raise ConfigError(f"sweep {text!r} is neither a file nor a built-in definition ({', '.join(sorted(known))})")
-        path = known[text]
+        path, base_dir = known[text], Path.cwd()
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_sweep(raw, path.parent)
+    try:
+        return parse_sweep(raw, base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------- trial tables

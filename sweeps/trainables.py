@@ -30,7 +30,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 
 from nas.complexity import complexity
 from nas.config import EvalConfig, SearchConfig
-from nas.data import load_dataset
+from nas.data import ImageData, from_arrays, load_dataset
 from nas.errors import DivergenceError
 from nas.io import load_checkpoint
 from nas.train import run_eval, run_search
@@ -105,20 +105,28 @@ def _report_divergence(exc: DivergenceError, state: dict[str, Any] | None, histo
     tune.report({**fixed, "epoch": epoch, "diverged": True, "error": f"DivergenceError: {exc}"})
 
 
-def search_trainable(config: dict[str, Any], op_sets: Mapping[str, Any]) -> None:
+def _data(shipped: Mapping[str, Any] | None, dataset: str, data_dir: str) -> ImageData:
+    """The data set the driver shipped (numpy arrays in Ray's object store, read once per node), else the
+    one in ``data_dir`` (``data_transfer: shared_path``: a folder every node sees; never downloaded here)."""
+    return from_arrays(shipped) if shipped is not None else load_dataset(dataset, data_dir, download=False)
+
+
+def search_trainable(config: dict[str, Any], op_sets: Mapping[str, Any],
+                     data: Mapping[str, Any] | None = None) -> None:
     """One DARTS search. config: op_set (id), F, seed, base (SearchConfig fields); op_sets: id -> mapping,
-    shared by the stage's trials."""
+    and data (see ``_data``), shared by the stage's trials."""
     _set_threads()
     op_set = dict(op_sets[config["op_set"]])
     if config.get("F") is not None:
         op_set["bottleneck_ratio"] = float(config["F"])
     cfg = SearchConfig(**{**config["base"], "op_set": op_set, "seed": int(config["seed"])})
     resolved = cfg.resolved_op_set()
+    images = _data(data, cfg.dataset, cfg.data_dir)
     fixed = {"stage": "search", "op_set": resolved.id, "seed": cfg.seed,
-             "F": resolved.used_bottleneck_ratio}
+             "F": resolved.used_bottleneck_ratio, "train_images": len(images.train_y)}
     state, history = _restore()
     try:
-        run_search(cfg, device=_device(), resume=state,
+        run_search(cfg, data=images, device=_device(), resume=state,
                    on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed, history))
     except DivergenceError as exc:
         _report_divergence(exc, state, history, fixed)
@@ -140,14 +148,18 @@ def eval_trial_config(config: dict[str, Any], genotypes: Mapping[str, Any]) -> t
     return cfg, fixed
 
 
-def eval_trainable(config: dict[str, Any], genotypes: Mapping[str, Any]) -> None:
+def eval_trainable(config: dict[str, Any], genotypes: Mapping[str, Any],
+                   data: Mapping[str, Any] | None = None) -> None:
     """One evaluation training. config: genotype (id), layers, seed, F, base; genotypes: id -> entry
-    (``{"genotype": ..., "op_set": ..., "source_trial": ...}``), shared by the stage's trials."""
+    (``{"genotype": ..., "op_set": ..., "source_trial": ...}``) and data (see ``_data``), shared by the
+    stage's trials."""
     _set_threads()
     cfg, fixed = eval_trial_config(config, genotypes)
+    images = _data(data, cfg.dataset, cfg.data_dir)
+    fixed["train_images"] = len(images.train_y)
     state, history = _restore()
     try:
-        run_eval(cfg, data=load_dataset(cfg.dataset, cfg.data_dir), device=_device(), resume=state,
+        run_eval(cfg, data=images, device=_device(), resume=state,
                  on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed, history))
     except DivergenceError as exc:
         _report_divergence(exc, state, history, fixed)
