@@ -123,13 +123,50 @@ def eval_stage_table(sweep_dir: Path) -> dict[str, Any]:
     from sweeps.driver import GENOTYPE_DIR, SweepDir, eval_genotypes
     from sweeps.spec import eval_table
 
+    from nas.genotypes import Genotype
+
     try:
         spec = SweepDir.at(sweep_dir).load_spec()
         searched = {p.stem: json.loads(p.read_text()) for p in (sweep_dir / GENOTYPE_DIR).glob("*.json")
                     if p.name != "index.json"}
-    except (ConfigError, OSError, json.JSONDecodeError):
+        for entry in searched.values():  # a first-release sweep's files lack the form keys
+            entry["genotype"] = Genotype.from_dict(entry["genotype"], spec.first_release).to_dict()
+    except (ConfigError, OSError, json.JSONDecodeError, KeyError, TypeError):
         return {}
     return eval_table(spec.eval, eval_genotypes(spec, searched)) if spec.eval is not None else {}
+
+
+def _first_release(root: Path) -> bool:
+    """Whether the sweep in ``root`` was written by dartsweep's first release (its sweep.yaml has no format)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((root / "sweep.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "format" not in raw
+
+
+def _rename_first_release(trials: list[dict], history: list[dict], table: dict[str, Any]) -> None:
+    """Give a first-release sweep's trials today's ids for the networks they trained (``PIBCONV`` ->
+    ``PIBCONV-gelu_all``, ``pibconv`` -> ``pibconv-gelu_all-pool_bn``): its reports used the first
+    release's ids, which today name other networks."""
+    from nas.genotypes import Genotype
+    from nas.opsets import first_release_op_set_id
+
+    genotype_ids = {}
+    for key, entry in table.items():
+        try:
+            genotype_ids[key] = Genotype.from_dict(entry["genotype"], True).id
+        except (ConfigError, KeyError, TypeError):
+            continue
+    for row in trials + history:
+        if isinstance(row.get("op_set"), str):
+            row["op_set"] = first_release_op_set_id(row["op_set"])
+        if row.get("stage") == "eval" and isinstance(row.get("genotype_id"), str):
+            row["genotype_id"] = genotype_ids.get(row["genotype_id"], row["genotype_id"])
+        if "cell" in row:
+            row["cell"] = cell_label(row["genotype_id"], row["op_set"])
 
 
 def _ratio(reported: Any, genotype_id: Any, table: dict[str, Any]) -> float:
@@ -143,8 +180,8 @@ def _ratio(reported: Any, genotype_id: Any, table: dict[str, Any]) -> float:
     return value
 
 
-def _stage_rows(stage: str, stage_dir: Path, skipped: list[str],
-                table: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+def _stage_rows(stage: str, stage_dir: Path, skipped: list[str], table: dict[str, Any],
+                first_release: bool = False) -> tuple[list[dict], list[dict]]:
     statuses = _ray_statuses(stage_dir)
     trials, history = [], []
     for trial_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir() and (p / "params.json").exists()):
@@ -179,7 +216,7 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str],
         if genotype is None and isinstance(last.get("genotype"), dict):
             from nas.genotypes import Genotype
 
-            genotype = Genotype.from_dict(last["genotype"]).id
+            genotype = Genotype.from_dict(last["genotype"], first_release).id
         genotype, op_set = genotype or params.get("genotype"), last.get("op_set", params.get("op_set"))
         trials.append({
             "stage": stage, "trial_id": trial_id, "status": status, "ray_status": ray_status,
@@ -224,10 +261,13 @@ def load_frames(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     history: list[dict] = []
     skipped: list[str] = []
     table = eval_stage_table(root) if (root / "eval").is_dir() else {}
+    first_release = _first_release(root)
     for stage, path in stage_dirs:
-        t, h = _stage_rows(stage, path, skipped, table)
+        t, h = _stage_rows(stage, path, skipped, table, first_release)
         trials += t
         history += h
+    if first_release:
+        _rename_first_release(trials, history, table)
     if skipped:
         warnings.warn(f"skipped {len(skipped)} trial(s) with corrupt or unreadable result files: "
                       f"{', '.join(Path(s).name for s in skipped)}", stacklevel=2)

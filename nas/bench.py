@@ -40,14 +40,15 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # ------------------------------------------------------------------------------------- the plain version
 
 class PlainMixedOp(nn.Module):
-    """DARTS' MixedOp: ``sum(w * op(x) for w, op in zip(weights, ops))`` over every op, ``none`` included."""
+    """DARTS' MixedOp: ``sum(w * op(x) for w, op in zip(weights, ops))`` over every op, ``none`` included
+    (pooling followed by an affine-free BN where the op set says so)."""
 
     def __init__(self, op_set: OpSet, channels: int, stride: int) -> None:
         super().__init__()
         ops = []
         for name in op_set.primitives:
             op = build_op(name, channels, stride, False, op_set.options)
-            if name in POOLING:
+            if name in POOLING and op_set.pooling_bn:
                 op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
             ops.append(op)
         self.ops = nn.ModuleList(ops)

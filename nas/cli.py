@@ -106,17 +106,40 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_complexity(args: argparse.Namespace) -> int:
-    from nas.complexity import complexity
-    from nas.genotypes import load_genotype
+    from nas.complexity import complexity, effective_ratios, search_complexity
 
-    genotype = load_genotype(args.genotype)
-    result = complexity(genotype, args.layers, channels=args.channels)
-    if args.json:
-        print(json.dumps({"genotype": genotype.id, "layers": args.layers, "channels": args.channels,
-                          **result.to_dict()}))
+    if (args.genotype is None) == (args.op_set is None):
+        raise ConfigError("complexity: give --genotype (an evaluation network) or --op-set (a search network)")
+    if args.op_set is not None:  # the search network: every candidate op on every edge
+        from nas.opsets import resolve_op_set
+
+        item = resolve_op_set(args.op_set, args.F)
+        layers, channels = args.layers or 8, args.channels or 16
+        result, what = search_complexity(item, layers, channels), "search network"
     else:
-        print(f"{genotype.id} at {args.layers} layers (C={args.channels}): "
-              f"{result.params_m:.3f} M params, {result.gmac:.3f} GMAC")
+        from nas.genotypes import load_genotype
+
+        item = load_genotype(args.genotype)
+        if args.F is not None:
+            from sweeps.spec import genotype_for_trial
+
+            item = genotype_for_trial(item.to_dict(), args.F)
+        if args.layers is None:
+            raise ConfigError("complexity: --layers is needed with --genotype (the evaluation layer count)")
+        layers, channels = args.layers, args.channels or 36
+        result, what = complexity(item, layers, channels=channels), "evaluation network"
+    ratio = item.options.bottleneck_ratio if item.uses_bottleneck_ratio else None
+    effective = {w: f for w, f in effective_ratios(ratio, channels, layers).items() if f != ratio} if ratio else {}
+    if args.json:
+        print(json.dumps({"genotype" if args.genotype else "op_set": item.id, "layers": layers, "channels": channels,
+                          **result.to_dict(), "F": ratio,
+                          "effective_F": {str(w): f for w, f in effective.items()}}))
+    else:
+        print(f"{item.id} {what} at {layers} layers (C={channels}): {result.params_m:.3f} M params, "
+              f"{result.gmac:.3f} GMAC")
+        if effective:
+            print(f"  F {ratio:g} is C_inv/C = " + ", ".join(f"{f:.4g} at C={w}" for w, f in effective.items())
+                  + " (C_inv = round(F C))")
     return 0
 
 
@@ -135,7 +158,8 @@ def cmd_genotypes(args: argparse.Namespace) -> int:
               f"{', '.join(ops)}")
     print("Op-set presets:")
     for name, o in OP_SETS.items():
-        print(f"  {name:<14} {o.options.activation}/{o.options.norm} F={o.options.bottleneck_ratio:g}  "
+        print(f"  {name:<16} {o.options.activation} ({o.options.activation_scope})/{o.options.norm} "
+              f"F={o.options.bottleneck_ratio:g} stem={o.stem} pooling_bn={str(o.pooling_bn).lower()}  "
               f"{', '.join(o.primitives)}")
     return 0
 
@@ -197,10 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, 600, 96)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("complexity", help="params (M) and GMACs of a genotype at a layer count")
-    p.add_argument("--genotype", required=True)
-    p.add_argument("--layers", type=int, required=True)
-    p.add_argument("--channels", type=_positive_int, default=36)
+    p = sub.add_parser("complexity", help="params (M) and GMACs of an evaluation or a search network")
+    p.add_argument("--genotype", help="an evaluation network: DARTS_V2 | PIBCONV | path.json")
+    p.add_argument("--op-set", help="a search network: an op-set preset (pibconv, pibconv_released, ...)")
+    p.add_argument("--F", type=float, help="bottleneck ratio F (overrides the genotype's or op set's)")
+    p.add_argument("--layers", type=_positive_int, help="cells (required with --genotype; search default 8)")
+    p.add_argument("--channels", type=_positive_int, help="initial channels (default 36 eval, 16 search)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_complexity)
 

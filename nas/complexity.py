@@ -1,4 +1,5 @@
-"""Parameter count and GMACs of an evaluation network, measured the way the paper's Table 1 was."""
+"""Parameter count and GMACs of an evaluation network, measured the way the paper's Table 1 was, and of a
+search network (every candidate op of an op set)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from nas.errors import ConfigError
 from nas.eval_network import EvalNetwork
 from nas.genotypes import Genotype
+from nas.opsets import OpSet
 
 
 @dataclass(frozen=True)
@@ -23,16 +25,44 @@ class Complexity:
         return {"params_m": self.params_m, "gmac": self.gmac}
 
 
-def count_params_m(model: torch.nn.Module) -> float:
-    return sum(p.numel() for n, p in model.named_parameters() if "auxiliary" not in n) / 1e6
+# Counting builds the network: a bound keeps a typo (--layers 100000) from allocating gigabytes.
+MAX_LAYERS = 200
+
+
+def _check_size(layers: int, channels: int) -> None:
+    if not 1 <= layers <= MAX_LAYERS:
+        raise ConfigError(f"layers must be between 1 and {MAX_LAYERS}, got {layers}")
+    if not 1 <= channels <= 1024:
+        raise ConfigError(f"channels must be between 1 and 1024, got {channels}")
 
 
 def complexity(genotype: Genotype, layers: int, channels: int = 36, num_classes: int = 10,
                in_channels: int = 3, image_size: int = 32) -> Complexity:
     """Params (M) and GMACs (ptflops, pytorch backend) of ``genotype`` evaluated at ``layers`` cells."""
-    if layers < 1:
-        raise ConfigError(f"layers must be >= 1, got {layers}")
+    _check_size(layers, channels)
     return _complexity(genotype, layers, channels, num_classes, in_channels, image_size)
+
+
+def search_complexity(op_set: OpSet, layers: int = 8, channels: int = 16, nodes: int = 4, num_classes: int = 10,
+                      in_channels: int = 3, image_size: int = 32) -> Complexity:
+    """Params (M, alphas excluded) and GMACs of the search network for ``op_set``: one forward pass runs
+    every candidate op on every edge."""
+    _check_size(layers, channels)
+    from nas.search_network import SearchNetwork
+
+    model = SearchNetwork(op_set, channels, layers, nodes, num_classes, in_channels).eval()
+    return _measure(model, in_channels, image_size)
+
+
+def effective_ratios(ratio: float, channels: int, layers: int) -> dict[int, float]:
+    """C_inv / C of the PIB and ConvNeXt blocks per cell width (C_inv = round(F C)): F where F C is whole."""
+    from nas.ops import bottleneck_channels, cell_layout
+
+    widths, c = [], channels
+    for reduction in cell_layout(layers):
+        c = 2 * c if reduction else c
+        widths.append(c)
+    return {w: bottleneck_channels(w, ratio) / w for w in sorted(set(widths))}
 
 
 @lru_cache(maxsize=256)
@@ -42,9 +72,19 @@ def _complexity(genotype: Genotype, layers: int, channels: int, num_classes: int
 
     from nas.ops import reference_modules
 
+    model = EvalNetwork(genotype, channels, layers, num_classes, in_channels, auxiliary=False).eval()
+    return _measure(model, in_channels, image_size)
+
+
+def _measure(model: torch.nn.Module, in_channels: int, image_size: int) -> Complexity:
+    from ptflops import get_model_complexity_info
+
+    from nas.ops import reference_modules
+
     # every conv a module call, as ptflops counts them (the CPU rewrites compute some convs functionally)
-    model = reference_modules(EvalNetwork(genotype, channels, layers, num_classes, in_channels, auxiliary=False)).eval()
+    model = reference_modules(model)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         macs, _ = get_model_complexity_info(model, (in_channels, image_size, image_size), as_strings=False,
                                             print_per_layer_stat=False, verbose=False, backend="pytorch")
-    return Complexity(params_m=count_params_m(model), gmac=float(macs) / 1e9)
+    params = sum(p.numel() for n, p in model.named_parameters() if "auxiliary" not in n and not n.startswith("alpha_"))
+    return Complexity(params_m=params / 1e6, gmac=float(macs) / 1e9)

@@ -25,7 +25,7 @@ class EvalCell(nn.Module):
         super().__init__()
         self.reduction = reduction
         self.pre0, self.pre1 = cell_preprocessing(c_prev_prev, c_prev, c, reduction_prev, True,
-                                                   genotype.options.activation)
+                                                   genotype.options.outer_activation)
         edges = genotype.reduce if reduction else genotype.normal
         self.concat = genotype.reduce_concat if reduction else genotype.normal_concat
         self.indices = [src for _, src in edges]

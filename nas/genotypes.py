@@ -58,10 +58,19 @@ class Genotype:
 
     @property
     def id(self) -> str:
-        """The built-in name, else ``g-<hash>`` of the cell structure and options."""
+        """The name (built-in, or a variant's: ``PIBCONV-F3``), else ``g-<hash>`` of the cell structure and
+        options; ``-gelu_all`` / ``-gcd`` follow for the first release's forms (:meth:`OpOptions.form_suffix`)."""
+        uses_pib = any(op.startswith("pib_conv_") for op in self.primitives)
+        return self.first_release_id + self.options.form_suffix(uses_pib)
+
+    @property
+    def first_release_id(self) -> str:
+        """The id dartsweep's first release gave this genotype (its hash body had no form options, and
+        the options' identity leaves out the first release's values): what its sweeps' configs refer to."""
         if self.name:
             return self.name
         body = {k: v for k, v in self.to_dict().items() if k != "name"}
+        body["options"] = self.options.identity()
         return "g-" + hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
 
     @property
@@ -92,7 +101,8 @@ class Genotype:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Genotype":
+    def from_dict(cls, data: Mapping[str, Any], first_release: bool = False) -> "Genotype":
+        """A genotype from its mapping; see :meth:`OpOptions.from_dict` for ``first_release``."""
         if not isinstance(data, Mapping):
             raise ConfigError("a genotype must be a JSON object with normal, normal_concat, reduce, reduce_concat")
         required = {"normal", "normal_concat", "reduce", "reduce_concat"}
@@ -106,8 +116,8 @@ class Genotype:
         if not isinstance(options, Mapping):
             raise ConfigError("genotype 'options' must be an object with activation, norm, bottleneck_ratio")
         try:
-            opts = OpOptions(**options)
-        except TypeError as exc:
+            opts = OpOptions.from_dict(options, first_release)
+        except ConfigError as exc:
             raise ConfigError(f"genotype options: {exc}") from None
         return cls(data["normal"], data["normal_concat"], data["reduce"], data["reduce_concat"], opts,
                    data.get("name"))
@@ -149,12 +159,13 @@ PIBCONV = Genotype(
 GENOTYPES: dict[str, Genotype] = {g.name: g for g in (DARTS_V1, DARTS_V2, PIBCONV)}  # type: ignore[misc]
 
 
-def load_genotype(spec: str | Path | Mapping[str, Any] | Genotype) -> Genotype:
-    """A genotype from a built-in name, a JSON file path, a mapping, or a Genotype."""
+def load_genotype(spec: str | Path | Mapping[str, Any] | Genotype, first_release: bool = False) -> Genotype:
+    """A genotype from a built-in name, a JSON file path, a mapping, or a Genotype (``first_release``: a
+    mapping from a sweep written by the first release, see :meth:`Genotype.from_dict`)."""
     if isinstance(spec, Genotype):
         return spec
     if isinstance(spec, Mapping):
-        return Genotype.from_dict(spec)
+        return Genotype.from_dict(spec, first_release)
     text = str(spec)
     if text in GENOTYPES:
         return GENOTYPES[text]
@@ -168,4 +179,7 @@ def load_genotype(spec: str | Path | Mapping[str, Any] | Genotype) -> Genotype:
     # A search result file wraps the genotype under "genotype".
     if isinstance(data, Mapping) and "genotype" in data and "normal" not in data:
         data = data["genotype"]
-    return Genotype.from_dict(data)
+    try:
+        return Genotype.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"genotype file {path}: {exc}") from None

@@ -8,9 +8,10 @@ normalisation and the inverted-bottleneck ratio F.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,15 +21,28 @@ from nas.errors import ConfigError
 
 ACTIVATIONS = ("relu", "gelu")
 NORMS = ("bn", "ln")
+# Where the op set's activation applies. "blocks": inside the PIBConv / ConvNeXt blocks and the separable
+# convs, as the released PIBConv code does; dilated convs, 7x1-1x7, FactorizedReduce and the cells'
+# preprocessing keep ReLU. "all": everywhere (dartsweep's first release).
+ACTIVATION_SCOPES = ("blocks", "all")
+# How a PIB block's k x k conv (C_inv -> C channels) is grouped. "per_channel": each output channel reads
+# floor(F) or ceil(F) of the C_inv channels (k^2 C_inv weights, growing with F). "gcd": gcd(C_inv, C)
+# groups (the first release; denser, and costlier, between whole F). Both are groups = C for whole F.
+PIB_GROUPINGS = ("per_channel", "gcd")
+# The values a key takes when an artefact written by the first release (which had no such key) is read.
+FIRST_RELEASE_OPTIONS = {"activation_scope": "all", "pib_groups": "gcd"}
 
 
 @dataclass(frozen=True)
 class OpOptions:
-    """Op-set-wide options: activation (relu|gelu), normalisation (bn|ln) and bottleneck ratio F."""
+    """Op-set-wide options: activation (relu|gelu) and where it applies, normalisation (bn|ln), bottleneck
+    ratio F and how the PIB block groups its k x k conv for non-integer F."""
 
     activation: str = "relu"
     norm: str = "bn"
     bottleneck_ratio: float = 2.0
+    activation_scope: str = "blocks"
+    pib_groups: str = "per_channel"
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -39,6 +53,47 @@ class OpOptions:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
             raise ConfigError(f"bottleneck ratio F must be a positive number, got {ratio!r}")
         object.__setattr__(self, "bottleneck_ratio", float(ratio))
+        if self.activation_scope not in ACTIVATION_SCOPES:
+            raise ConfigError(f"activation_scope: must be one of {', '.join(ACTIVATION_SCOPES)}, got "
+                              f"{self.activation_scope!r}")
+        if self.pib_groups not in PIB_GROUPINGS:
+            raise ConfigError(f"pib_groups: must be one of {', '.join(PIB_GROUPINGS)}, got {self.pib_groups!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], first_release: bool = False) -> "OpOptions":
+        """Options from a mapping; keys it lacks take the first release's values when ``first_release``
+        (an artefact of a sweep written before those keys existed), else the defaults."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"options must be a mapping, got {data!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown option(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        defaults = FIRST_RELEASE_OPTIONS if first_release else {}
+        return cls(**{**defaults, **data})
+
+    @property
+    def outer_activation(self) -> str:
+        """The activation of everything outside the blocks (see ACTIVATION_SCOPES)."""
+        return self.activation if self.activation_scope == "all" else "relu"
+
+    def identity(self) -> dict[str, Any]:
+        """The options that change what a network computes, as ids and hashes see them: the scope only
+        where it matters (a non-ReLU activation in the "blocks" form), the grouping only for non-integer F.
+        The first release's forms drop out, so its ids and hashes stay what they were."""
+        out = dataclasses.asdict(self)
+        if self.activation == "relu" or self.activation_scope == "all":
+            del out["activation_scope"]
+        if self.pib_groups == "gcd" or self.bottleneck_ratio.is_integer():
+            del out["pib_groups"]
+        return out
+
+    def form_suffix(self, uses_pib: bool) -> str:
+        """The id suffix of the first release's forms (``-gelu_all``, ``-gcd``); '' for today's."""
+        suffix = f"-{self.activation}_all" if self.activation != "relu" and self.activation_scope == "all" else ""
+        if uses_pib and self.pib_groups == "gcd" and not self.bottleneck_ratio.is_integer():
+            suffix += "-gcd"
+        return suffix
 
 
 class LayerNorm2d(nn.Module):
@@ -461,11 +516,13 @@ def reference_modules(model: nn.Module) -> nn.Module:
     return model
 
 
-def dil_conv(c: int, kernel_size: int, stride: int, dilation: int, affine: bool, options: OpOptions) -> nn.Sequential:
-    """DARTS dilated separable conv: act -> dilated depthwise kxk -> 1x1 -> norm."""
+def dil_conv(c: int, kernel_size: int, stride: int, dilation: int, affine: bool, options: OpOptions,
+             activation: str | None = None) -> nn.Sequential:
+    """DARTS dilated separable conv: act -> dilated depthwise kxk -> 1x1 -> norm. Its activation is the
+    op set's outer one (ReLU in the "blocks" scope) unless ``activation`` says otherwise."""
     padding = dilation * (kernel_size - 1) // 2
     return nn.Sequential(
-        make_activation(options.activation),
+        make_activation(activation or options.outer_activation),
         DepthwiseConv2d(c, c, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=c, bias=False),
         pointwise_conv(c, c),
         make_norm(options.norm, c, affine),
@@ -473,16 +530,17 @@ def dil_conv(c: int, kernel_size: int, stride: int, dilation: int, affine: bool,
 
 
 def sep_conv(c: int, kernel_size: int, stride: int, affine: bool, options: OpOptions) -> nn.Sequential:
-    """DARTS separable conv (paper Fig. 2a): the dilated-conv unit stacked twice, stride on the first."""
+    """DARTS separable conv (paper Fig. 2a): the dilated-conv unit stacked twice, stride on the first. A
+    block: the roadmap's GELU steps change its activation."""
     return nn.Sequential(
-        *dil_conv(c, kernel_size, stride, 1, affine, options),
-        *dil_conv(c, kernel_size, 1, 1, affine, options),
+        *dil_conv(c, kernel_size, stride, 1, affine, options, options.activation),
+        *dil_conv(c, kernel_size, 1, 1, affine, options, options.activation),
     )
 
 
 def conv_7x1_1x7(c: int, stride: int, affine: bool, options: OpOptions) -> nn.Sequential:
     return nn.Sequential(
-        make_activation(options.activation),
+        make_activation(options.outer_activation),
         nn.Conv2d(c, c, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
         nn.Conv2d(c, c, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
         make_norm(options.norm, c, affine),
@@ -501,18 +559,44 @@ def convnext_block(c: int, kernel_size: int, stride: int, affine: bool, options:
     )
 
 
-def pib_conv(c: int, kernel_size: int, stride: int, affine: bool, options: OpOptions) -> nn.Sequential:
-    """PIBConv (paper Fig. 2c): dw kxk -> norm -> 1x1 C->C_inv -> grouped kxk C_inv->C -> act -> 1x1 C->C.
-
-    The grouped conv uses gcd(C_inv, C) groups: depthwise-style (groups = C) for whole-number F.
+class UnevenGroupedConv2d(nn.Module):
+    """A k x k conv from ``c_in`` to ``c_out`` channels (c_in >= c_out) in which each output channel reads
+    its own floor(c_in / c_out) or ceil(c_in / c_out) input channels: groups = c_out with uneven group
+    sizes, as two grouped convs (the first ``c_in % c_out`` outputs read one channel more). Weights:
+    k^2 c_in, so cost grows with c_in (the PIB block's C_inv = F C) rather than jumping with gcd(c_in, c_out).
     """
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, padding: int) -> None:
+        super().__init__()
+        per_out, wide = divmod(c_in, c_out)
+        self.split = wide * (per_out + 1)  # input channels of the wider groups
+        self.wide = GroupedConv2d(self.split, wide, kernel_size, padding=padding, groups=wide, bias=False)
+        self.narrow = GroupedConv2d(c_in - self.split, c_out - wide, kernel_size, padding=padding,
+                                    groups=c_out - wide, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.wide(x[:, :self.split]), self.narrow(x[:, self.split:])], dim=1)
+
+
+def pib_grouped_conv(c_inv: int, c: int, kernel_size: int, pib_groups: str) -> nn.Module:
+    """The PIB block's k x k conv C_inv -> C: groups = C where C divides C_inv (whole F, both forms);
+    otherwise per ``pib_groups`` (see PIB_GROUPINGS). Below F = 1 (C_inv < C) every form is gcd's."""
+    pad = kernel_size // 2
+    if c_inv % c and pib_groups == "per_channel" and c_inv > c:
+        return UnevenGroupedConv2d(c_inv, c, kernel_size, pad)
+    return GroupedConv2d(c_inv, c, kernel_size, padding=pad, groups=math.gcd(c_inv, c), bias=False)
+
+
+def pib_conv(c: int, kernel_size: int, stride: int, affine: bool, options: OpOptions) -> nn.Sequential:
+    """PIBConv (paper Fig. 2c; the released ``PseudoInvBn``):
+    dw kxk -> norm -> 1x1 C->C_inv -> grouped kxk C_inv->C -> act -> 1x1 C->C, C_inv = round(F C)."""
     c_inv = bottleneck_channels(c, options.bottleneck_ratio)
     pad = kernel_size // 2
     return nn.Sequential(
         DepthwiseConv2d(c, c, kernel_size, stride=stride, padding=pad, groups=c, bias=False),
         make_norm(options.norm, c, affine),
         pointwise_conv(c, c_inv),
-        GroupedConv2d(c_inv, c, kernel_size, padding=pad, groups=math.gcd(c_inv, c), bias=False),
+        pib_grouped_conv(c_inv, c, kernel_size, options.pib_groups),
         make_activation(options.activation),
         pointwise_conv(c, c),
     )
@@ -521,7 +605,7 @@ def pib_conv(c: int, kernel_size: int, stride: int, affine: bool, options: OpOpt
 def _skip(c: int, stride: int, affine: bool, options: OpOptions) -> nn.Module:
     if stride == 1:
         return nn.Identity()
-    return FactorizedReduce(c, c, affine, options.activation, options.norm)
+    return FactorizedReduce(c, c, affine, options.outer_activation, options.norm)
 
 
 OpConstructor = Callable[[int, int, bool, OpOptions], nn.Module]
@@ -560,7 +644,8 @@ def cell_preprocessing(c_prev_prev: int, c_prev: int, c: int, reduction_prev: bo
                        activation: str = "relu") -> tuple[nn.Module, nn.Module]:
     """The two input adapters of a DARTS cell: bring both previous outputs to ``c`` channels and one size.
 
-    They use the op set's activation (the paper swaps ReLU for GELU throughout) and always BN.
+    ``activation`` is the op set's outer activation (ReLU, as in the released code, unless the scope is
+    "all"); the norm is always BN.
     """
     pre0 = (FactorizedReduce(c_prev_prev, c, affine, activation) if reduction_prev
             else ActConvNorm(c_prev_prev, c, 1, 1, 0, affine, activation))
@@ -572,5 +657,15 @@ def cell_layout(layers: int) -> list[bool]:
     return [i in (layers // 3, 2 * layers // 3) for i in range(layers)]
 
 
-def stem(in_channels: int, out_channels: int) -> nn.Sequential:
+STEMS = ("conv3x3", "patchify")
+
+
+def stem(in_channels: int, out_channels: int, kind: str = "conv3x3") -> nn.Sequential:
+    """The network's stem. "conv3x3": DARTS' 3x3 conv + BN. "patchify": the released PIBConv search network's
+    4x4 stride-4 conv (padding 1) + channels-first LayerNorm, which makes 32x32 inputs 8x8 maps."""
+    if kind == "patchify":
+        return nn.Sequential(nn.Conv2d(in_channels, out_channels, 4, stride=4, padding=1),
+                             LayerNorm2d(out_channels, eps=1e-6))
+    if kind != "conv3x3":
+        raise ConfigError(f"stem: must be one of {', '.join(STEMS)}, got {kind!r}")
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels))

@@ -14,10 +14,18 @@ from nas.ops import (POOLING, GlobalAvgPool2d, build_op, cell_layout, cell_prepr
 from nas.opsets import OpSet
 
 
+def _opening_activation(op: nn.Module) -> str | None:
+    """'relu' or 'gelu' when ``op`` is a sequence that opens with that activation, else None."""
+    if isinstance(op, nn.Sequential) and len(op) > 1:
+        return {nn.ReLU: "relu", nn.GELU: "gelu"}.get(type(op[0]))
+    return None
+
+
 class MixedOp(nn.Module):
     """sum_o w_o * o(x) over the op set. ``none`` contributes exactly zero, so it is not computed
-    (its weight still takes part in the softmax). Ops that open with the op set's activation (dilated
-    convs, 7x1-1x7) share one act(x): computed once, and kept once for backward."""
+    (its weight still takes part in the softmax). Ops that open with the same activation (dilated convs
+    and 7x1-1x7 with ReLU, separable convs with the op set's) share one act(x): computed once, and kept
+    once for backward. Pooling outputs are normalised (affine-free BN) when the op set says so (DARTS)."""
 
     def __init__(self, op_set: OpSet, channels: int, stride: int) -> None:
         super().__init__()
@@ -28,26 +36,27 @@ class MixedOp(nn.Module):
         for i in self.index:
             name = op_set.primitives[i]
             op = build_op(name, channels, stride, False, op_set.options)
-            if name in POOLING:  # DARTS normalises pooling outputs in the search network
+            if name in POOLING and op_set.pooling_bn:
                 op = nn.Sequential(op, make_norm("bn", channels, affine=False))
             ops.append(op)
         self.ops = nn.ModuleList(ops)
-        act = make_activation(op_set.options.activation)
-        opens_with_act = [isinstance(op, nn.Sequential) and len(op) > 1 and repr(op[0]) == repr(act) for op in ops]
-        self.shared_act = act if sum(opens_with_act) > 1 else None
+        opening = [_opening_activation(op) for op in ops]
+        # one shared module per activation that opens two or more ops (not registered: no parameters)
+        self.shared_acts = {kind: make_activation(kind) for kind in sorted(set(opening) - {None})
+                            if opening.count(kind) > 1}
+        self._shared = [kind if kind in self.shared_acts else None for kind in opening]
         # plain tuples, not registered twice: the modules stay owned (and named) by self.ops
-        self._tails = [tuple(op)[1:] if self.shared_act is not None and shared else None
-                       for op, shared in zip(ops, opens_with_act)]
+        self._tails = [tuple(op)[1:] if kind is not None else None for op, kind in zip(ops, self._shared)]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``out + sum_o w_o * o(x)`` (``out`` lets a node accumulate all its edges in one tensor)."""
-        activated = self.shared_act(x) if self.shared_act is not None else None
+        activated = {kind: act(x) for kind, act in self.shared_acts.items()}
         outputs = []
-        for op, tail in zip(self.ops, self._tails):
+        for op, tail, kind in zip(self.ops, self._tails, self._shared):
             if tail is None:
                 y = op(x)
             else:
-                y = activated
+                y = activated[kind]
                 for module in tail:
                     y = module(y)
             outputs.append(y)
@@ -99,7 +108,7 @@ class SearchCell(nn.Module):
         self.reduction = reduction
         self.nodes = nodes
         self.pre0, self.pre1 = cell_preprocessing(c_prev_prev, c_prev, c, reduction_prev, False,
-                                                   op_set.options.activation)
+                                                   op_set.options.outer_activation)
         self.edges = nn.ModuleList(
             mixed_op(op_set, c, 2 if reduction and j < 2 else 1) for i in range(nodes) for j in range(i + 2))
 
@@ -141,8 +150,8 @@ def num_edges(nodes: int) -> int:
 
 
 class SearchNetwork(nn.Module):
-    """DARTS' search network: stem (multiplier 3), ``layers`` cells, separate alphas for normal and
-    reduction cells, BN without affine parameters inside the mixed ops."""
+    """DARTS' search network: stem (multiplier 3; the op set's ``stem``), ``layers`` cells, separate alphas
+    for normal and reduction cells, BN without affine parameters inside the mixed ops."""
 
     def __init__(self, op_set: OpSet, channels: int = 16, layers: int = 8, nodes: int = 4, num_classes: int = 10,
                  in_channels: int = 3, stem_multiplier: int = 3, checkpoint_cells: bool = False,
@@ -152,7 +161,7 @@ class SearchNetwork(nn.Module):
         self.nodes = nodes
         self.checkpoint_cells = checkpoint_cells  # recompute cell activations in backward: less memory
         c_curr = stem_multiplier * channels
-        self.stem = stem(in_channels, c_curr)
+        self.stem = stem(in_channels, c_curr, op_set.stem)
         c_pp, c_p, c_curr = c_curr, c_curr, channels
         self.cells = nn.ModuleList()
         reduction_prev = False

@@ -378,11 +378,27 @@ def run_eval(config: EvalConfig, *, data: ImageData | None = None, device: str |
     return EvalResult(final, best, state.history)
 
 
+def _same_setting(key: str, saved: Any, current: Any) -> bool:
+    """Whether a checkpoint's config value builds what ``current`` builds. Op sets and genotypes are compared
+    as networks: a first-release checkpoint's mapping lacks the form keys that today's spell out."""
+    if saved == current or key not in ("op_set", "genotype"):
+        return saved == current
+    from nas.genotypes import load_genotype
+    from nas.opsets import resolve_op_set
+
+    try:
+        if key == "op_set":
+            return resolve_op_set(saved, first_release=True) == resolve_op_set(current)
+        return load_genotype(saved, first_release=True) == load_genotype(current)
+    except ConfigError:
+        return False
+
+
 def _check_resume(resume: dict[str, Any], phase: str, config: dict[str, Any]) -> None:
     if resume.get("phase") != phase:
         raise ConfigError(f"checkpoint is from the {resume.get('phase')!r} phase, not {phase!r}")
     saved = dict(resume.get("config", {}))
-    changed = sorted(k for k in config if k != "data_dir" and saved.get(k) != config[k])
+    changed = sorted(k for k in config if k != "data_dir" and not _same_setting(k, saved.get(k), config[k]))
     if changed:
         raise ConfigError(f"checkpoint was written with a different config ({', '.join(changed)}); "
                           "resume with the same settings or start a new run")

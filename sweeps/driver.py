@@ -28,8 +28,8 @@ from nas.data import CIFAR_FOLDERS, ImageData, load_dataset, nbytes, to_arrays
 from nas.errors import ConfigError
 from nas.genotypes import Genotype
 from nas.io import write_text_atomic
-from sweeps.spec import (DATASET_SHAPES, SEARCHED, Stage, SweepSpec, eval_table, eval_trials, fold_ratios,
-                         parse_sweep, search_trials)
+from sweeps.spec import (DATASET_SHAPES, SEARCHED, SWEEP_FORMAT, Stage, SweepSpec, eval_table, eval_trials,
+                         fold_ratios, parse_sweep, search_trials, table_key)
 
 SWEEP_FILE, STATE_FILE, GENOTYPE_DIR = "sweep.yaml", "state.json", "genotypes"
 
@@ -116,8 +116,10 @@ class SweepDir:
             raise ConfigError(f"{self.location} is not a sweep directory (no {SWEEP_FILE}); "
                               "pass the folder that `dartsweep sweep run` printed")
         # sweep.yaml holds absolute paths (embedded genotypes); one written before that held a data_dir
-        # relative to where its driver ran, which resume keeps
-        return parse_sweep(yaml.safe_load(self.read_text(SWEEP_FILE)), Path.cwd())
+        # relative to where its driver ran, which resume keeps. One without a format was written by the
+        # first release: its names mean that release's networks.
+        raw = yaml.safe_load(self.read_text(SWEEP_FILE))
+        return parse_sweep(raw, Path.cwd(), first_release=isinstance(raw, dict) and "format" not in raw)
 
 
 def _print(msg: str) -> None:
@@ -345,22 +347,29 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
     return results
 
 
-def collect_genotypes(sweep: SweepDir) -> dict[str, Any]:
-    """Derived genotypes of the finished search trials, written to ``genotypes/`` (atomic) and returned."""
+def collect_genotypes(sweep: SweepDir, spec: SweepSpec) -> dict[str, Any]:
+    """Derived genotypes of the finished search trials, written to ``genotypes/`` (atomic) and returned,
+    by table key (:func:`sweeps.spec.table_key`); each entry names the op set by its id."""
     from ray import tune
 
+    from nas.opsets import OpSet
+
+    first_release = spec.first_release
+    op_set_ids = {key: OpSet.from_dict(m).id for key, m in spec.search.axes["op_sets"].items()} if spec.search else {}
     analysis = tune.ExperimentAnalysis(sweep.join("search"))
     found: dict[str, Any] = {}
     for trial in analysis.trials:
         last = trial.last_result or {}
         if trial.status != "TERMINATED" or last.get("diverged") or "genotype" not in last:
             continue
-        g = Genotype.from_dict(last["genotype"])
-        entry = {"genotype": g.to_dict(), "op_set": last.get("op_set"), "F": last.get("F"),
-                 "seed": last.get("seed"), "valid_acc": last.get("valid_acc"), "source_trial": trial.trial_id}
-        if g.id not in found:
-            found[g.id] = entry
-            sweep.write_json(entry, GENOTYPE_DIR, f"{g.id}.json")
+        g = Genotype.from_dict(last["genotype"], first_release)  # the first release's reports lack form keys
+        entry = {"genotype": g.to_dict(), "op_set": op_set_ids.get(last.get("op_set"), last.get("op_set")),
+                 "F": last.get("F"), "seed": last.get("seed"), "valid_acc": last.get("valid_acc"),
+                 "source_trial": trial.trial_id}
+        key = table_key(g, first_release)
+        if key not in found:
+            found[key] = entry
+            sweep.write_json(entry, GENOTYPE_DIR, f"{key}.json")
     sweep.write_json({k: {kk: v for kk, v in e.items() if kk != "genotype"} for k, e in found.items()},
                      GENOTYPE_DIR, "index.json")
     return found
@@ -386,7 +395,8 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         raise ConfigError(f"{sweep.location} already exists; continue it with `dartsweep sweep resume "
                           f"{sweep.location}` or change the sweep's name")
     data = load_sweep_data(spec)
-    sweep.write_text(yaml.safe_dump({**spec.raw, "storage": root.location}, sort_keys=False), SWEEP_FILE)
+    sweep.write_text(yaml.safe_dump({**spec.raw, "storage": root.location, "format": SWEEP_FORMAT}, sort_keys=False),
+                     SWEEP_FILE)
     sweep.write_json({"stages": {}}, STATE_FILE)
     return _continue(spec, sweep, address, verbose, data)
 
@@ -445,7 +455,7 @@ def _run_stages(spec: SweepSpec, sweep: SweepDir, verbose: int, data: ImageData 
     if spec.search is not None:
         if state.get("search") != "done":
             _run_stage(spec, sweep, spec.search, verbose=verbose, data=data)
-        searched = collect_genotypes(sweep)
+        searched = collect_genotypes(sweep, spec)
         _print(f"search: {len(searched)} genotype(s) in {sweep.join(GENOTYPE_DIR)}")
     if spec.eval is not None and state.get("eval") != "done":
         genotypes = eval_genotypes(spec, searched)

@@ -23,7 +23,11 @@ from nas.genotypes import GENOTYPES, Genotype, load_genotype
 from nas.opsets import OP_SETS, OpSet, resolve_op_set
 
 TOP_KEYS = {"name", "description", "dataset", "data_dir", "data_transfer", "storage", "search", "eval",
-            "failure", "max_concurrent_trials"}
+            "failure", "max_concurrent_trials", "format"}
+# The sweep.yaml a driver freezes says `format: 2`; one without it was written by dartsweep's first release,
+# whose preset names and option-less mappings meant the first release's networks (see nas.ops
+# FIRST_RELEASE_OPTIONS), and whose trial configs name op sets and genotypes by first-release ids.
+SWEEP_FORMAT = 2
 # how trials get their data: the driver loads it once and Ray's object store carries it to every node
 # (default), or each trial reads data_dir itself, which must then be a folder every node sees
 DATA_TRANSFERS = ("object_store", "shared_path")
@@ -155,6 +159,7 @@ class Stage:
     checkpoint_every: int
     search_alg: SearchAlg
     scheduler: dict[str, Any] | None
+    first_release: bool = False  # a stage of a sweep written by the first release (see SWEEP_FORMAT)
 
     @property
     def epochs(self) -> int:
@@ -177,6 +182,7 @@ class SweepSpec:
     max_failures: int
     max_concurrent_trials: int | None
     raw: dict[str, Any]  # the resolved file, frozen into the sweep directory
+    first_release: bool = False  # written by dartsweep's first release (see SWEEP_FORMAT)
 
     @property
     def uses_searched(self) -> bool:
@@ -200,7 +206,13 @@ def _split_stage(raw: Mapping[str, Any], kind: str, where: str) -> dict[str, Any
     return base
 
 
-def _search_stage(raw: Any, dataset: str, data_dir: str) -> Stage:
+def table_key(item: OpSet | Genotype, first_release: bool) -> str:
+    """The id a stage's table (and so its trials' configs) uses for an op set or genotype: its id, or in a
+    sweep written by the first release the id that release gave it."""
+    return item.first_release_id if first_release else item.id
+
+
+def _search_stage(raw: Any, dataset: str, data_dir: str, first_release: bool = False) -> Stage:
     where = "search"
     if not isinstance(raw, Mapping):
         raise _fail(where, "must be a mapping of settings")
@@ -216,12 +228,12 @@ def _search_stage(raw: Any, dataset: str, data_dir: str) -> Stage:
     op_sets: dict[str, dict] = {}
     for i, spec in enumerate(op_specs):
         try:
-            preset = resolve_op_set(spec)
+            preset = resolve_op_set(spec, first_release=first_release)
         except ConfigError as exc:
             raise _fail(f"{where}.op_sets[{i}]", str(exc)) from None
         for ratio in (F if isinstance(F, list) else [None]):
             op_set = preset.with_ratio(float(ratio)) if ratio is not None and preset.uses_bottleneck_ratio else preset
-            op_sets[op_set.id] = op_set.to_dict()
+            op_sets[table_key(op_set, first_release)] = op_set.to_dict()
     seeds = _grid(raw, "seeds", where, default=[0])
     base_full = {**base, "dataset": dataset, "data_dir": data_dir}
     for seed in seeds:  # every trial's config is built once here, so bad values fail now
@@ -230,10 +242,11 @@ def _search_stage(raw: Any, dataset: str, data_dir: str) -> Stage:
     axes = {"op_sets": op_sets, "F": F if isinstance(F, dict) else None, "seeds": seeds}
     return Stage("search", axes, base_full, _resources(raw.get("resources"), f"{where}.resources"),
                  _positive_int(raw.get("checkpoint_every", 1), f"{where}.checkpoint_every"), alg,
-                 _scheduler(raw.get("scheduler"), f"{where}.scheduler", "valid_acc"))
+                 _scheduler(raw.get("scheduler"), f"{where}.scheduler", "valid_acc"), first_release)
 
 
-def _eval_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, has_search: bool) -> Stage:
+def _eval_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, has_search: bool,
+                first_release: bool = False) -> Stage:
     where = "eval"
     if not isinstance(raw, Mapping):
         raise _fail(where, "must be a mapping of settings")
@@ -251,10 +264,10 @@ def _eval_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, has_searc
         if isinstance(spec, str) and spec not in GENOTYPES and not Path(spec).is_absolute():
             spec = str(base_dir / spec) if (base_dir / spec).is_file() else spec
         try:
-            g = load_genotype(spec)
+            g = load_genotype(spec, first_release)
         except ConfigError as exc:
             raise _fail(f"{where}.genotypes[{i}]", str(exc)) from None
-        genotypes[g.id] = g.to_dict()
+        genotypes[table_key(g, first_release)] = g.to_dict()
     layers = _grid(raw, "layers", where, default=[20])
     F = _grid(raw, "F", where)
     alg = _search_alg(raw.get("search_alg"), f"{where}.search_alg", "test_acc")
@@ -277,7 +290,8 @@ def _eval_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, has_searc
         raise _fail(f"{where}.scheduler", "ASHA cannot prune a multi-objective search; drop the scheduler")
     axes = {"genotypes": genotypes, "layers": layers, "F": F, "seeds": seeds}
     return Stage("eval", axes, base_full, _resources(raw.get("resources"), f"{where}.resources"),
-                 _positive_int(raw.get("checkpoint_every", 1), f"{where}.checkpoint_every"), alg, scheduler)
+                 _positive_int(raw.get("checkpoint_every", 1), f"{where}.checkpoint_every"), alg, scheduler,
+                 first_release)
 
 
 def resolve_path(value: Any, base_dir: Path, where: str) -> str:
@@ -289,9 +303,10 @@ def resolve_path(value: Any, base_dir: Path, where: str) -> str:
     return str((base_dir / Path(value).expanduser()).resolve())
 
 
-def parse_sweep(raw: Any, base_dir: Path = Path(".")) -> SweepSpec:
+def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = False) -> SweepSpec:
     """Validate a parsed sweep file; relative paths in it (data_dir, storage, genotype files) resolve
-    against ``base_dir``, the sweep file's folder."""
+    against ``base_dir``, the sweep file's folder. ``first_release``: a frozen sweep.yaml written by the
+    first release (see SWEEP_FORMAT)."""
     if not isinstance(raw, Mapping):
         raise ConfigError("a sweep file must be a YAML mapping with at least 'name' and a 'search' or 'eval' stage")
     unknown = sorted(set(raw) - TOP_KEYS)
@@ -313,8 +328,11 @@ def parse_sweep(raw: Any, base_dir: Path = Path(".")) -> SweepSpec:
         raise ConfigError(f"data_transfer: must be one of {', '.join(DATA_TRANSFERS)}, got {data_transfer!r}")
     if "search" not in raw and "eval" not in raw:
         raise ConfigError("a sweep needs a 'search' stage, an 'eval' stage, or both")
-    search = _search_stage(raw["search"], dataset, data_dir) if "search" in raw else None
-    evaluation = _eval_stage(raw["eval"], dataset, data_dir, base_dir, search is not None) if "eval" in raw else None
+    if raw.get("format", SWEEP_FORMAT) != SWEEP_FORMAT:
+        raise ConfigError(f"format: this dartsweep writes and reads format {SWEEP_FORMAT}, got {raw['format']!r}")
+    search = _search_stage(raw["search"], dataset, data_dir, first_release) if "search" in raw else None
+    evaluation = (_eval_stage(raw["eval"], dataset, data_dir, base_dir, search is not None, first_release)
+                  if "eval" in raw else None)
     failure = raw.get("failure") or {}
     if not isinstance(failure, Mapping) or set(failure) - {"max_failures"}:
         raise ConfigError(f"failure: only 'max_failures' is allowed, got {failure!r}")
@@ -331,8 +349,9 @@ def parse_sweep(raw: Any, base_dir: Path = Path(".")) -> SweepSpec:
     resolved["data_dir"] = data_dir  # the frozen sweep.yaml records absolute paths
     if storage is not None:
         resolved["storage"] = storage
+    resolved["format"] = SWEEP_FORMAT
     return SweepSpec(name, dataset, data_dir, data_transfer, storage, search, evaluation, max_failures, mct,
-                     resolved)
+                     resolved, first_release)
 
 
 def builtin_sweeps() -> dict[str, Path]:
@@ -386,10 +405,11 @@ def fold_ratios(stage: Stage, genotypes: Mapping[str, Any]) -> dict[str, Any] | 
             continue
         for ratio in ratios:
             variant = genotype_for_trial(entry["genotype"], ratio)
-            if variant.id == gid:
+            key = table_key(variant, stage.first_release)
+            if key == gid:
                 cells[gid] = entry
             else:  # the source's op set and F no longer describe the variant: trials name its own op set
-                cells[variant.id] = {**{k: v for k, v in entry.items() if k not in ("op_set", "F")},
+                cells[key] = {**{k: v for k, v in entry.items() if k not in ("op_set", "F")},
                                      "genotype": variant.to_dict(), "variant_of": gid}
     return cells
 
@@ -421,14 +441,17 @@ def genotype_for_trial(genotype: Mapping[str, Any], F: float | None) -> Genotype
         return g
     from dataclasses import replace
 
-    return replace(g, options=replace(g.options, bottleneck_ratio=float(F)), name=f"{g.id}-F{float(F):g}")
+    return replace(g, options=replace(g.options, bottleneck_ratio=float(F)),
+                   name=f"{g.first_release_id}-F{float(F):g}")
 
 
 def op_set_id_for(genotype: Genotype) -> str:
-    """The preset an (unannotated) genotype's ops and options come from, else 'custom'."""
+    """The preset an (unannotated) genotype's ops and options come from (with its form: ``pibconv-gelu_all``
+    for the first release's PIBCONV), else 'custom'."""
     for name, preset in OP_SETS.items():
         if genotype.primitives <= set(preset.primitives) and genotype.options.activation == preset.options.activation \
                 and genotype.options.norm == preset.options.norm:
-            op_set = preset.with_ratio(genotype.options.bottleneck_ratio)
-            return op_set.id
+            from dataclasses import replace
+
+            return replace(preset, options=genotype.options).id
     return "custom"

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,13 +38,49 @@ def test_pib_params_whole_F_match_equation_2(F, C, K):
     assert (grouped.in_channels, grouped.out_channels, grouped.groups) == (F * C, C, C)
 
 
-def test_pib_params_F_1_5_grouped_form():
+def test_pib_params_F_1_5_both_groupings():
     C, K, F = 16, 3, 1.5
     c_inv = round(F * C)  # 24
-    groups = math.gcd(c_inv, C)  # 8
+    # per_channel (today's): every output channel reads 1 or 2 of the 24 channels: K^2 C_inv weights
     op = build_op("pib_conv_3x3", C, 1, False, OpOptions("gelu", "bn", F))
-    expected = K * K * C + C * c_inv + (c_inv // groups) * C * K * K + C * C
-    assert conv_weights(op) == expected == 1216
+    assert conv_weights(op) == K * K * C + C * c_inv + K * K * c_inv + C * C == 1000
+    # gcd (the first release's): gcd(24, 16) = 8 groups of 3 -> 2 channels
+    groups = math.gcd(c_inv, C)
+    op = build_op("pib_conv_3x3", C, 1, False, OpOptions("gelu", "bn", F, pib_groups="gcd"))
+    assert conv_weights(op) == K * K * C + C * c_inv + (c_inv // groups) * C * K * K + C * C == 1216
+
+
+@pytest.mark.parametrize("c_in,c_out", [(24, 16), (81, 36), (20, 16), (47, 16)])
+def test_uneven_grouped_conv_is_a_masked_dense_conv(c_in, c_out):
+    """Output channel o reads only its own input channels: equal to a dense conv whose weight is zero
+    outside those blocks, with floor/ceil(c_in / c_out) channels per output."""
+    from nas.ops import UnevenGroupedConv2d
+
+    conv = UnevenGroupedConv2d(c_in, c_out, 3, 1).double()
+    dense = torch.zeros(c_out, c_in, 3, 3, dtype=torch.float64)
+    start, sizes = 0, []
+    for o in range(c_out):
+        part = conv.wide if o < conv.wide.out_channels else conv.narrow
+        row = o if part is conv.wide else o - conv.wide.out_channels
+        n = part.in_channels // part.groups
+        dense[o, start:start + n] = part.weight[row, :]
+        start, sizes = start + n, sizes + [n]
+    assert start == c_in and set(sizes) <= {c_in // c_out, -(-c_in // c_out)}
+    x = torch.randn(2, c_in, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(conv(x), F.conv2d(x, dense, padding=1))
+    assert sum(p.numel() for p in conv.parameters()) == 9 * c_in
+
+
+@pytest.mark.parametrize("C", [16, 36])
+def test_pib_cost_grows_with_F(C):
+    """F = 1 ... 4.5 in steps of 0.25: params and GMACs never decrease (the gcd grouping zig-zagged)."""
+    from nas.complexity import complexity
+    from nas.genotypes import PIBCONV
+
+    costs = [complexity(replace(PIBCONV, options=replace(PIBCONV.options, bottleneck_ratio=1 + 0.25 * i)), 5, C)
+             for i in range(15)]
+    params, gmacs = [c.params_m for c in costs], [c.gmac for c in costs]
+    assert params == sorted(params) and gmacs == sorted(gmacs) and params[0] < params[-1]
 
 
 def test_convnext_params_equation_1():
@@ -109,19 +146,25 @@ def test_grouped_conv_cpu_path_equals_native_conv(c_in, c_out, groups, channels_
 def test_mixed_op_computes_a_shared_activation_once():
     from nas.search_network import MixedOp
 
-    op_set = OpSet(("none", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7", "pib_conv_3x3", "max_pool_3x3"),
-                   OpOptions("gelu", "bn", 2.0))
-    mixed = MixedOp(op_set, 4, 1)
-    assert isinstance(mixed.shared_act, torch.nn.GELU)
-    assert [t is not None for t in mixed._tails] == [True, True, True, False, False]
+    prims = ("none", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7", "pib_conv_3x3", "max_pool_3x3", "sep_conv_3x3",
+             "sep_conv_5x5")
+    # GELU everywhere (the first release's form): dilated, 7x1-1x7 and separable convs share one GELU
+    mixed = MixedOp(OpSet(prims, OpOptions("gelu", "bn", 2.0, activation_scope="all")), 4, 1)
+    assert set(mixed.shared_acts) == {"gelu"} and isinstance(mixed.shared_acts["gelu"], torch.nn.GELU)
+    assert [t is not None for t in mixed._tails] == [True, True, True, False, False, True, True]
+    # GELU in the blocks (the released code's): dilated and 7x1-1x7 share a ReLU, separable convs a GELU
+    mixed = MixedOp(OpSet(prims, OpOptions("gelu", "bn", 2.0)), 4, 1)
+    assert mixed._shared == ["relu", "relu", "relu", None, None, "gelu", "gelu"]
     calls = []
-    for module in mixed.modules():
-        if isinstance(module, torch.nn.GELU):
+    for module in [*mixed.modules(), *mixed.shared_acts.values()]:
+        if isinstance(module, (torch.nn.GELU, torch.nn.ReLU)):
             module.register_forward_hook(lambda m, i, o: calls.append(m))
     x = torch.randn(2, 4, 6, 6)
-    weights = torch.softmax(torch.randn(6), 0)
+    weights = torch.softmax(torch.randn(8), 0)
     out = mixed(x, weights)
-    assert calls.count(mixed.shared_act) == 1 and len(calls) == 2  # shared one + pib_conv's inner GELU
+    # each shared one once, pib_conv's inner GELU, and the separable convs' second activations
+    assert calls.count(mixed.shared_acts["relu"]) == 1 and calls.count(mixed.shared_acts["gelu"]) == 1
+    assert len(calls) == 5
     expected = sum(weights[i] * op(x) for i, op in zip(mixed.index, mixed.ops))  # each op on its own
     torch.testing.assert_close(out, expected)
 
