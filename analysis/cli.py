@@ -8,7 +8,7 @@ import argparse
 def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis.report import analyze
 
-    out, summary = analyze(args.dir, args.out, edge=args.edge)
+    out, summary = analyze(args.dir if len(args.dir) > 1 else args.dir[0], args.out, edge=args.edge)
     print(summary)
     print(f"plots, tables and index.md in {out}")
     return 0
@@ -24,9 +24,9 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="plots, tables and a Pareto summary from a sweep folder (offline)")
-    p.add_argument("dir", help="a sweep folder (or a copy of one)")
-    p.add_argument("--out", help="where to write (default DIR/analysis)")
+    p = sub.add_parser("analyze", help="plots, tables and a Pareto summary from sweep folders (offline)")
+    p.add_argument("dir", nargs="+", help="a sweep folder (or a copy of one); several are merged")
+    p.add_argument("--out", help="where to write (default DIR/analysis; required with several DIRs)")
     p.add_argument("--edge", type=int, default=0, help="edge index for the alpha evolution plot (default 0)")
     p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("gradcam", help="GradCAM grid (paper Fig. 5) for eval checkpoints")

@@ -11,6 +11,7 @@ import pandas as pd
 from analysis import plots
 from analysis.frames import eval_stage_table, load_frames
 from analysis.pareto import default_reference, hypervolume, pareto_set
+from nas.errors import ConfigError
 from nas.genotypes import Genotype
 from nas.io import write_text_atomic
 from sweeps.spec import genotype_for_trial
@@ -47,13 +48,39 @@ def table1(trials: pd.DataFrame) -> pd.DataFrame:
     return grouped[list(TABLE1_COLUMNS)].rename(columns=TABLE1_COLUMNS).reset_index(drop=True)
 
 
-def analyze(sweep_dir: str | Path, out: str | Path | None = None, edge: int = 0) -> tuple[Path, str]:
-    """Write plots (PNG+SVG), tables (CSV+Markdown) and index.md for a sweep; return (out dir, summary)."""
-    sweep_dir = Path(sweep_dir)
-    trials, history = load_frames(sweep_dir)
-    out = Path(out) if out else sweep_dir / "analysis"
+def load_sweeps(sweep_dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, history) of one or more sweeps with a ``sweep`` column (the folder's name, or its path where
+    two names clash). With several sweeps a network trained in two of them stays two trials, and its
+    ``cell`` label says which sweep (``PIBCONV [f_sweep]``), so tables and plots never pool them."""
+    dirs = [Path(d) for d in sweep_dirs]
+    names = [d.name for d in dirs]
+    if len(set(names)) < len(names):
+        names = [str(d) for d in dirs]
+    trials, history = [], []
+    for d, name in zip(dirs, names):
+        t, h = load_frames(d)
+        t.insert(0, "sweep", name)
+        h.insert(0, "sweep", name)
+        t["sweep_dir"] = str(d)
+        trials.append(t)
+        history.append(h)
+    trials_frame, history_frame = pd.concat(trials, ignore_index=True), pd.concat(history, ignore_index=True)
+    if len(dirs) > 1:
+        trials_frame["cell"] = trials_frame.cell.astype(str) + " [" + trials_frame.sweep + "]"
+    return trials_frame, history_frame
+
+
+def analyze(sweep_dir: str | Path | list[str | Path], out: str | Path | None = None,
+            edge: int = 0) -> tuple[Path, str]:
+    """Write plots (PNG+SVG), tables (CSV+Markdown) and index.md for one sweep, or several merged into one
+    set (:func:`load_sweeps`; ``out`` is then required); return (out dir, summary)."""
+    dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, (list, tuple)) else [sweep_dir])]
+    if len(dirs) > 1 and out is None:
+        raise ConfigError("analyze: several sweeps need --out (where the merged analysis goes)")
+    trials, history = load_sweeps(dirs)
+    out = Path(out) if out else dirs[0] / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    trials.to_csv(out / "trials.csv", index=False)
+    trials.drop(columns="sweep_dir").to_csv(out / "trials.csv", index=False)
     history.to_csv(out / "history.csv", index=False)
     t1 = table1(trials)
     t1.to_csv(out / "table1.csv", index=False)
@@ -61,7 +88,7 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, edge: int = 0)
     fronts, figures = {}, []
     for cost in ("gmac", "params_m"):
         front = pareto_set(trials, cost)
-        cols = ["genotype_id", "cell", "layers", "seed", "final_acc", "params_m", "gmac", "trial_id"]
+        cols = ["sweep", "genotype_id", "cell", "layers", "seed", "final_acc", "params_m", "gmac", "trial_id"]
         front[cols].to_csv(out / f"pareto_{cost}.csv", index=False)
         write_text_atomic(out / f"pareto_{cost}.md", markdown_table(front[cols]))
         done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=[cost])
@@ -76,18 +103,22 @@ def analyze(sweep_dir: str | Path, out: str | Path | None = None, edge: int = 0)
         figures += plots.search_accuracy(history, trials, out)
         best = search.sort_values("best_acc", ascending=False).iloc[0]
         figures += plots.alpha_evolution(best.trial_dir, out, edge=edge)
-    table = eval_stage_table(sweep_dir)
-    for gid in sorted(set(trials[trials.stage == "eval"].genotype_id.dropna())):
-        geno = _genotype(sweep_dir, gid, trials, table)
-        if geno is not None:
-            for cell in ("normal", "reduce"):
-                figures += plots.draw_cell(geno, cell, out / "cells" / gid)
+    evals = trials[trials.stage == "eval"].dropna(subset=["genotype_id"])
+    for d in dirs:
+        table = eval_stage_table(d)
+        mine = evals[evals.sweep_dir == str(d)]
+        for gid in sorted(set(mine.genotype_id)):
+            geno = _genotype(d, gid, mine, table)
+            if geno is not None:
+                for cell in ("normal", "reduce"):
+                    figures += plots.draw_cell(geno, cell, out / "cells" / gid)
     summary = _summary(trials, fronts)
-    index = ["# Sweep analysis: " + sweep_dir.name, "", "```", summary, "```", "",
+    title = ", ".join(d.name for d in dirs)
+    index = ["# Sweep analysis: " + title, "", "```", summary, "```", "",
              "## Table 1", "", markdown_table(t1), "## Pareto set (accuracy vs GMAC)", "",
              markdown_table(fronts["gmac"][0][["cell", "layers", "final_acc", "params_m", "gmac"]]),
              "## Figures", ""]
-    index += [f"- [{p.relative_to(out)}]({p.relative_to(out)})" for p in figures if p.suffix == ".png"]
+    index += [f"- [{p.relative_to(out)}]({p.relative_to(out)})" for p in dict.fromkeys(figures) if p.suffix == ".png"]
     index += ["", "Data: [trials.csv](trials.csv), [history.csv](history.csv), [table1.csv](table1.csv)"]
     write_text_atomic(out / "index.md", "\n".join(index) + "\n")
     return out, summary

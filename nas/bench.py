@@ -648,6 +648,30 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="fast vs plain (research-code) step: images/s, peak memory, ratios")
     p.add_argument("kind", choices=("search", "eval", "data", "pack"),
@@ -655,21 +679,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phase", choices=("search", "eval"), default="eval",
                    help="pack: which trials share the device (search: C 16, 8 cells, batch 64 unless given)")
     p.add_argument("--order", type=int, choices=(1, 2), default=2)
-    p.add_argument("--C", type=int, help="channels (search 16, eval 36)")
-    p.add_argument("--layers", type=int, help="cells (search 5, eval 10)")
-    p.add_argument("--batch", type=int, help="batch size (search 16, eval 32)")
-    p.add_argument("--size", type=int, default=32, help="image size (default 32)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--C", type=_positive_int, help="channels (search 16, eval 36)")
+    p.add_argument("--layers", type=_positive_int, help="cells (search 5, eval 10)")
+    p.add_argument("--batch", type=_positive_int, help="batch size (search 16, eval 32)")
+    p.add_argument("--size", type=_positive_int, default=32, help="image size (default 32)")
+    p.add_argument("--steps", type=_positive_int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--repeats", type=_positive_int, default=1,
                    help="alternate fast and plain this many rounds; report medians (steadier on a shared machine)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, help="torch threads (default: all)")
+    p.add_argument("--threads", type=_positive_int, help="torch threads (default: all)")
     p.add_argument("--no-channels-last", action="store_true", help="fast side without channels_last")
     p.add_argument("--checkpoint-cells", action="store_true", help="fast side with per-cell checkpointing")
     p.add_argument("--no-keep-memory", action="store_true",
                    help="CPU: fast side with glibc's default malloc trimming (see nas.train.keep_freed_memory)")
     p.add_argument("--no-amp", action="store_true", help="CUDA: fast side in float32")
     p.add_argument("--trials", default="1,2,4,8", help="pack: trial counts to run at once (default 1,2,4,8)")
-    p.add_argument("--seconds", type=float, default=20.0, help="pack: seconds each count trains (default 20)")
+    p.add_argument("--seconds", type=_positive_float, default=20.0, help="pack: seconds each count trains (default 20)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

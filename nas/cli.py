@@ -42,6 +42,8 @@ def _prepare_out(out: Path, resume: bool) -> dict[str, Any] | None:
     from nas.io import load_checkpoint
 
     ckpt = out / "checkpoint.pt"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder (it is created if missing)")
     if resume:
         if not ckpt.is_file():
             raise ConfigError(f"--resume: no checkpoint.pt in {out}; run without --resume to start")

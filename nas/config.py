@@ -24,7 +24,29 @@ def _positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool 
         raise ConfigError(f"{name} must be a {kind} {bound}, got {value!r}")
 
 
+_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_types(cfg: Any) -> None:
+    """Every field of a plain type holds a value of that type (``cutout: "false"`` is a string, and would
+    be truthy; a bool is not an int here). Union fields (op_set, genotype) are checked where resolved."""
+    for f in dataclasses.fields(cfg):
+        names = [t.strip() for t in str(f.type).split("|")]
+        optional = "None" in names
+        names = [n for n in names if n != "None"]
+        if len(names) != 1 or names[0] not in _TYPES:
+            continue
+        value = getattr(cfg, f.name)
+        if value is None and optional:
+            continue
+        kinds = _TYPES[names[0]]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            want = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[names[0]]
+            raise ConfigError(f"{f.name} must be {want}{' or null' if optional else ''}, got {value!r}")
+
+
 def _common_checks(cfg: Any) -> None:
+    _check_types(cfg)
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; use one of {', '.join(DATASETS)}")
     for name in ("epochs", "batch_size", "channels", "layers"):

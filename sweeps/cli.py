@@ -20,16 +20,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{spec.name}: {data_summary(spec)}", file=sys.stderr)
         print(f"{spec.name}: {plan_summary(spec, rows)}; nothing launched", file=sys.stderr)
         return 0
-    path = run_sweep(spec, storage=args.storage, address=args.address, verbose=args.verbose)
-    print(path)
-    return 0
+    return _drive(lambda: run_sweep(spec, storage=args.storage, address=args.address, verbose=args.verbose,
+                                    force=args.force))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from sweeps.driver import resume_sweep
 
-    print(resume_sweep(args.dir, address=args.address, verbose=args.verbose))
-    return 0
+    return _drive(lambda: resume_sweep(args.dir, address=args.address, verbose=args.verbose, force=args.force))
+
+
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+def _drive(run) -> int:
+    """Run or resume a sweep; the exit code says how it ended: 0 every trial finished, 1 some trials errored
+    or diverged (listed on stderr), 130 stopped by Ctrl-C with the rest saved for ``resume``."""
+    from sweeps.driver import SweepInterrupted
+    from sweeps.status import failed_trials
+
+    try:
+        path = run()
+    except (SweepInterrupted, KeyboardInterrupt) as exc:
+        print(f"dartsweep: interrupted: {exc}" if str(exc) else "dartsweep: interrupted; the sweep's state is saved",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(path)
+    failed = failed_trials(path)
+    if failed:
+        print(f"dartsweep: {len(failed)} trial(s) failed:", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_TRIALS_FAILED
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -79,12 +102,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "(s3://...); default from the file, else ./results")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trial table; train nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: the table as JSON")
-    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Ray Tune console verbosity")
+    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
+                   help="0 dartsweep's lines only, 1 (default) plus a progress line per stage, 2 plus Ray's own "
+                        "tables and trial output (always in DIR/driver.log)")
+    p.add_argument("--force", action="store_true", help="take the sweep's lock even from a live driver")
     p.set_defaults(func=cmd_run)
     p = sweep.add_parser("resume", help="continue unfinished and errored trials of a sweep")
     p.add_argument("dir")
     p.add_argument("--address")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    p.add_argument("--force", action="store_true", help="take the sweep's lock even from a live driver")
     p.set_defaults(func=cmd_resume)
     p = sweep.add_parser("overhead", help="measure Ray Tune's wall-time overhead on tiny trials")
     p.add_argument("--trials", type=int, default=8)

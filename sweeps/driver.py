@@ -97,6 +97,13 @@ class SweepDir:
         with fs.open_output_stream(path) as fh:
             fh.write(text.encode())
 
+    def remove(self, *parts: str) -> None:
+        fs, root = self._fs()
+        try:
+            fs.delete_file("/".join([root, *parts]))
+        except (FileNotFoundError, OSError):
+            pass
+
     def write_json(self, data: Any, *parts: str) -> None:
         self.write_text(json.dumps(data, indent=2) + "\n", *parts)
 
@@ -124,6 +131,11 @@ class SweepDir:
 
 def _print(msg: str) -> None:
     print(f"[dartsweep] {msg}", file=sys.stderr, flush=True)
+
+
+class SweepInterrupted(Exception):
+    """The driver was stopped (Ctrl-C) with trials of a stage unfinished or never started; Ray Tune saved
+    the experiment and the stage is not marked done, so ``resume`` runs them."""
 
 
 # ------------------------------------------------------------------------------------------------ dry run
@@ -204,7 +216,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 # ------------------------------------------------------------------------------------------------ running
 
-def _ray_init(address: str | None) -> bool:
+def _ray_init(address: str | None, verbose: int = 1) -> bool:
     """Connect to ``address``, or start an embedded single-machine Ray; True when this call started or joined
     Ray (so the caller stops it), False when Ray was already initialised by someone else."""
     import ray
@@ -212,8 +224,10 @@ def _ray_init(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")  # 0-GPU trials see no GPU (#54868)
+    if verbose < 2:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)  # worker lines: to the sweep's log (sweeps.console)
     else:  # an embedded single-machine Ray, reachable from this machine only
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # "local": always a fresh instance; with no address Ray would join the last cluster started here
@@ -266,7 +280,30 @@ def _param_space(stage: Stage, genotypes: dict[str, Any] | None = None) -> dict[
             "layers": axis(stage.axes["layers"]), "F": axis(stage.axes["F"]) if folded is None else None}
 
 
-def _tune_config(stage: Stage, spec: SweepSpec):
+OPTUNA_JOURNAL = "optuna-{kind}.journal"
+
+
+def optuna_storage(stage: Stage, sweep: SweepDir):
+    """Where an optuna stage keeps its study, so Optuna's tools (``optuna.load_study``, optuna-dashboard) open
+    it and a resumed driver continues it: the database URL given (``search_alg.storage``, for many
+    nodes), else a journal file in the sweep folder (``optuna-<stage>.journal``; local or shared
+    filesystems). A sweep in cloud storage without a URL keeps the study in Ray's searcher state only."""
+    import optuna
+
+    if stage.search_alg.storage:
+        return optuna.storages.RDBStorage(stage.search_alg.storage)
+    if not sweep.is_local:
+        _print(f"{stage.kind}: the Optuna study lives in Ray's searcher state only; give search_alg.storage (a "
+               "database URL) to keep it where Optuna's tools can open it")
+        return None
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    Path(sweep.location).mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(Path(sweep.location, OPTUNA_JOURNAL.format(kind=stage.kind)))))
+
+
+def _tune_config(stage: Stage, spec: SweepSpec, sweep: SweepDir):
     from ray import tune
 
     alg = stage.search_alg
@@ -281,7 +318,12 @@ def _tune_config(stage: Stage, spec: SweepSpec):
 
         metric = list(alg.metric) if alg.multi_objective else alg.metric[0]
         mode = list(alg.mode) if alg.multi_objective else alg.mode[0]
-        kwargs["search_alg"] = OptunaSearch(metric=metric, mode=mode)
+        kwargs["search_alg"] = OptunaSearch(metric=metric, mode=mode, seed=alg.seed,
+                                            study_name=f"{spec.name}-{stage.kind}", storage=optuna_storage(stage, sweep))
+    elif alg.type == "random" and alg.seed is not None:
+        from ray.tune.search import BasicVariantGenerator
+
+        kwargs["search_alg"] = BasicVariantGenerator(random_state=alg.seed)
     if stage.scheduler:
         from ray.tune.schedulers import ASHAScheduler
 
@@ -323,6 +365,7 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
                verbose: int = 1, data: ImageData | None = None) -> Any:
     from ray import tune
 
+    from sweeps.console import ProgressView
     from sweeps.loggers import CSVLogger, JsonLogger
 
     stage_path = sweep.join(stage.kind)
@@ -338,13 +381,32 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[JsonLogger(), CSVLogger()],  # Ray adds its TensorBoard logger itself
         )
-        tuner = tune.Tuner(trainable, param_space=_param_space(stage, genotypes), tune_config=_tune_config(stage, spec),
-                           run_config=run_config)
-    results = tuner.fit()
+        tuner = tune.Tuner(trainable, param_space=_param_space(stage, genotypes),
+                           tune_config=_tune_config(stage, spec, sweep), run_config=run_config)
+    expected = expected_trials(stage, genotypes)
+    view = ProgressView(Path(stage_path), stage.kind, expected, stage.epochs, stage.metric) \
+        if verbose >= 1 and sweep.is_local else contextlib.nullcontext()
+    with view:
+        results = tuner.fit()
+    statuses = [t.status for t in tune.ExperimentAnalysis(stage_path).trials]
+    unfinished = max(expected, len(statuses)) - sum(s in ("TERMINATED", "ERROR") for s in statuses)
+    if unfinished > 0:  # Ctrl-C: Tune saved the experiment and returned; the stage is not done
+        sweep.mark(stage.kind, "interrupted")
+        raise SweepInterrupted(f"{stage.kind}: stopped with {unfinished} of {max(expected, len(statuses))} trial(s) "
+                               f"unfinished or not started; `dartsweep sweep resume {sweep.location}` runs them")
     errors = len(results.errors)
     sweep.mark(stage.kind, "done" if errors == 0 else "done_with_errors")
     _print(f"{stage.kind}: {len(results)} trials, {errors} errored")
     return results
+
+
+def expected_trials(stage: Stage, genotypes: dict[str, Any] | None = None) -> int:
+    """How many trials the stage has when complete: its grid's size, or a sampler's ``num_samples``."""
+    if stage.search_alg.type != "grid":
+        return stage.search_alg.num_samples
+    if stage.kind == "search":
+        return len(search_trials(stage))
+    return len(eval_trials(stage, genotypes or {}))
 
 
 def collect_genotypes(sweep: SweepDir, spec: SweepSpec) -> dict[str, Any]:
@@ -386,7 +448,7 @@ def eval_genotypes(spec: SweepSpec, searched: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None = None,
-              verbose: int = 1) -> str:
+              verbose: int = 1, force: bool = False) -> str:
     """Launch a new sweep; refuses to touch an existing sweep directory (use ``resume_sweep``)."""
     storage = storage or spec.storage or "./results"
     root = SweepDir.at(storage)
@@ -394,20 +456,67 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     if not sweep.is_empty():
         raise ConfigError(f"{sweep.location} already exists; continue it with `dartsweep sweep resume "
                           f"{sweep.location}` or change the sweep's name")
+    check_resources(spec, address)
     data = load_sweep_data(spec)
-    sweep.write_text(yaml.safe_dump({**spec.raw, "storage": root.location, "format": SWEEP_FORMAT}, sort_keys=False),
-                     SWEEP_FILE)
-    sweep.write_json({"stages": {}}, STATE_FILE)
-    return _continue(spec, sweep, address, verbose, data)
+    lock = acquire_lock(sweep, force)
+    try:
+        sweep.write_text(yaml.safe_dump({**spec.raw, "storage": root.location, "format": SWEEP_FORMAT},
+                                        sort_keys=False), SWEEP_FILE)
+        sweep.write_json({"stages": {}}, STATE_FILE)
+        return _continue(spec, sweep, address, verbose, data)
+    finally:
+        lock.release()
 
 
-def resume_sweep(location: str | Path, address: str | None = None, verbose: int = 1) -> str:
+def resume_sweep(location: str | Path, address: str | None = None, verbose: int = 1, force: bool = False) -> str:
     """Continue a sweep: unfinished and errored trials from their last checkpoints; finished ones are kept."""
     sweep = SweepDir.at(location)
     spec = sweep.load_spec()
-    state = sweep.read_state().get("stages", {})
-    pending = [s.kind for s in (spec.search, spec.eval) if s is not None and state.get(s.kind) != "done"]
-    return _continue(spec, sweep, address, verbose, load_sweep_data(spec) if pending else None)
+    check_resources(spec, address)
+    lock = acquire_lock(sweep, force)  # before anything is read that a live driver may be writing
+    try:
+        state = sweep.read_state().get("stages", {})
+        pending = [s.kind for s in (spec.search, spec.eval) if s is not None and state.get(s.kind) != "done"]
+        return _continue(spec, sweep, address, verbose, load_sweep_data(spec) if pending else None)
+    finally:
+        lock.release()
+
+
+def check_resources(spec: SweepSpec, address: str | None) -> None:
+    """On the embedded Ray (no ``address``) a trial asking for more CPUs or GPUs than this machine has would
+    wait forever: refuse it. On a cluster, :func:`_warn_cluster_resources` compares once Ray is up."""
+    if address:
+        return
+    import torch
+
+    have = {"cpu": os.cpu_count() or 1, "gpu": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    for stage in (spec.search, spec.eval):
+        for kind in ("cpu", "gpu"):
+            if stage is not None and stage.resources[kind] > have[kind]:
+                raise ConfigError(f"{stage.kind}.resources.{kind}: a trial asks for {stage.resources[kind]:g} but this "
+                                  f"machine has {have[kind]}; lower it, or run on a cluster with --address")
+
+
+def _warn_cluster_resources(spec: SweepSpec) -> None:
+    """Warn when no node of the cluster can give a stage's trial what it asks (it would pend until one joins)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for stage in (spec.search, spec.eval):
+        if stage is None:
+            continue
+        need = {"CPU": stage.resources["cpu"], "GPU": stage.resources["gpu"]}
+        if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+            best = ", ".join(f"{n.get('CPU', 0):g} CPU / {n.get('GPU', 0):g} GPU" for n in nodes) or "none"
+            _print(f"warning: no node of the cluster can run a {stage.kind} trial ({need['CPU']:g} CPU, "
+                   f"{need['GPU']:g} GPU); its nodes have {best}; trials pend until such a node joins")
+
+
+def acquire_lock(sweep: SweepDir, force: bool = False):
+    """The sweep's driver lock (``sweeps.lock``): refused (ConfigError) while another driver runs it."""
+    from sweeps.lock import acquire
+
+    return acquire(sweep, force, say=_print)
 
 
 # Above this size a data set is better read by each trial from a shared folder (data_transfer: shared_path)
@@ -438,14 +547,22 @@ def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: in
               data: ImageData | None) -> str:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: see README
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started = _ray_init(address)
-    try:
-        _run_stages(spec, sweep, verbose, data)
-    finally:
-        if started:
-            _ray_stop()
-    loc = sweep.location
-    _print(f"results in {loc}  (dartsweep sweep status {loc}; dartsweep analyze {loc})")
+    from sweeps.console import LOG_FILE, captured_console
+
+    log = Path(sweep.location, LOG_FILE) if sweep.is_local else None
+    with captured_console(log, verbose):
+        if log is not None and verbose < 2:
+            _print(f"Ray's own output: {log}")
+        started = _ray_init(address, verbose)
+        try:
+            if address:
+                _warn_cluster_resources(spec)
+            _run_stages(spec, sweep, verbose, data)
+        finally:
+            if started:
+                _ray_stop()
+        loc = sweep.location
+        _print(f"results in {loc}  (dartsweep sweep status {loc}; dartsweep analyze {loc})")
     return loc
 
 

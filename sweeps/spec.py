@@ -48,6 +48,8 @@ def _grid(stage: Mapping[str, Any], key: str, where: str, default: Any = None) -
     """A grid axis: a non-empty list, or a {min, max} range (random/optuna only)."""
     value = stage.get(key, default)
     if value is None:
+        if key in stage and default is not None:
+            raise _fail(f"{where}.{key}", "is null; give a list (or leave the key out for its default)")
         return None
     if isinstance(value, Mapping):
         if set(value) != {"min", "max"}:
@@ -69,35 +71,56 @@ class SearchAlg:
     num_samples: int = 1
     metric: tuple[str, ...] = ()
     mode: tuple[str, ...] = ()
+    seed: int | None = None  # the sampler's seed (random, optuna)
+    storage: str | None = None  # optuna: a database URL for the study; default a journal file in the sweep
 
     @property
     def multi_objective(self) -> bool:
         return len(self.metric) > 1
 
 
+# what trials report that a search algorithm or scheduler can optimise
+METRICS = {"search": ("valid_acc", "valid_loss", "train_acc", "train_loss"),
+           "eval": ("test_acc", "best_test_acc", "test_loss", "train_acc", "train_loss", "gmac", "params_m")}
+
+
 def _search_alg(raw: Any, where: str, default_metric: str) -> SearchAlg:
+    if raw is not None and not isinstance(raw, (str, Mapping)):
+        raise _fail(where, f"must be a name (grid, random, optuna) or a mapping, got {raw!r}")
     raw = {"type": raw} if isinstance(raw, str) else dict(raw or {})
-    unknown = set(raw) - {"type", "num_samples", "metric", "mode", "seed"}
+    unknown = set(raw) - {"type", "num_samples", "metric", "mode", "seed", "storage"}
     if unknown:
-        raise _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: metric, mode, num_samples, seed, type")
+        raise _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: metric, mode, num_samples, seed, storage, type")
     kind = raw.get("type", "grid")
     if kind not in SEARCH_ALGS:
         raise _fail(f"{where}.type", f"unknown search algorithm {kind!r}; use one of {', '.join(SEARCH_ALGS)}")
     num = raw.get("num_samples", 1)
     if not isinstance(num, int) or isinstance(num, bool) or num < 1:
         raise _fail(f"{where}.num_samples", f"must be an integer >= 1, got {num!r}")
+    allowed = METRICS["search" if default_metric == "valid_acc" else "eval"]
     metric = raw.get("metric", default_metric)
     metric = tuple(metric) if isinstance(metric, list) else (metric,)
+    if not metric or any(m not in allowed for m in metric):
+        raise _fail(f"{where}.metric", f"must be one or a list of {', '.join(allowed)}, got {raw.get('metric')!r}")
     mode = raw.get("mode", ["max" if m.endswith("acc") else "min" for m in metric])
     mode = tuple(mode) if isinstance(mode, list) else (mode,)
     if len(mode) != len(metric) or any(m not in ("max", "min") for m in mode):
         raise _fail(f"{where}.mode", f"needs one of max|min per metric {list(metric)}, got {list(mode)}")
     if kind != "optuna" and len(metric) > 1:
         raise _fail(f"{where}.metric", "several objectives need type: optuna")
-    return SearchAlg(kind, num, metric, mode)
+    seed = raw.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise _fail(f"{where}.seed", f"must be an integer, got {seed!r}")
+    storage = raw.get("storage")
+    if storage is not None and (kind != "optuna" or not isinstance(storage, str) or "://" not in storage):
+        raise _fail(f"{where}.storage", f"an Optuna database URL (postgresql://..., mysql://...) with type: optuna, "
+                                        f"got {storage!r}")
+    return SearchAlg(kind, num, metric, mode, seed, storage)
 
 
 def _resources(raw: Any, where: str) -> dict[str, float]:
+    if raw is not None and not isinstance(raw, Mapping):
+        raise _fail(where, f"must be a mapping like {{cpu: 2, gpu: 0.25}}, got {raw!r}")
     raw = dict(raw or {"cpu": 1})
     unknown = set(raw) - {"cpu", "gpu"}
     if unknown:
@@ -120,6 +143,13 @@ def _check_ratios(F: list | dict | None, where: str) -> None:
             raise _fail(where, f"bottleneck ratio F must be a positive number, got {value!r}")
 
 
+def _seeds(raw: Mapping[str, Any], where: str) -> list[int]:
+    seeds = _grid(raw, "seeds", where, default=[0])
+    if isinstance(seeds, dict) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise _fail(f"{where}.seeds", f"must be a list of integers, got {raw.get('seeds')!r}")
+    return seeds
+
+
 def _positive_int(value: Any, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise _fail(where, f"must be an integer >= 1, got {value!r}")
@@ -129,6 +159,8 @@ def _positive_int(value: Any, where: str) -> int:
 def _scheduler(raw: Any, where: str, default_metric: str) -> dict[str, Any] | None:
     if raw is None:
         return None
+    if not isinstance(raw, (str, Mapping)):
+        raise _fail(where, f"must be 'asha' or a mapping like {{type: asha, grace_period: 100}}, got {raw!r}")
     raw = {"type": raw} if isinstance(raw, str) else dict(raw)
     if raw.get("type") != "asha":
         raise _fail(f"{where}.type", f"unknown scheduler {raw.get('type')!r}; the only one is asha")
@@ -234,7 +266,7 @@ def _search_stage(raw: Any, dataset: str, data_dir: str, first_release: bool = F
         for ratio in (F if isinstance(F, list) else [None]):
             op_set = preset.with_ratio(float(ratio)) if ratio is not None and preset.uses_bottleneck_ratio else preset
             op_sets[table_key(op_set, first_release)] = op_set.to_dict()
-    seeds = _grid(raw, "seeds", where, default=[0])
+    seeds = _seeds(raw, where)
     base_full = {**base, "dataset": dataset, "data_dir": data_dir}
     for seed in seeds:  # every trial's config is built once here, so bad values fail now
         for mapping in op_sets.values():
@@ -278,11 +310,11 @@ def _eval_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, has_searc
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise _fail(f"{where}.layers", f"every layer count must be an integer >= 1, got {value!r}")
     _check_ratios(F, f"{where}.F")
-    seeds = _grid(raw, "seeds", where, default=[0])
+    seeds = _seeds(raw, where)
     base_full = {**base, "dataset": dataset, "data_dir": data_dir}
-    for g in genotypes.values():
-        if g != SEARCHED:
-            config_from_mapping(EvalConfig, {**base_full, "genotype": g, "layers": 1, "seed": seeds[0]}, where)
+    for g in genotypes.values():  # every field checked now, also when only searched cells will come
+        config_from_mapping(EvalConfig, {**base_full, "genotype": "DARTS_V2" if g == SEARCHED else g, "layers": 1,
+                                         "seed": seeds[0]}, where)
     if not genotypes:
         raise _fail(f"{where}.genotypes", "is empty")
     scheduler = _scheduler(raw.get("scheduler"), f"{where}.scheduler", "test_acc")
@@ -312,11 +344,13 @@ def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = Fals
     unknown = sorted(set(raw) - TOP_KEYS)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}")
+    if not isinstance(raw.get("description", ""), str):
+        raise ConfigError(f"description: must be a string, got {raw['description']!r}")
     name = raw.get("name")
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise ConfigError(f"name: must be a folder name (no '/'), got {name!r}")
     dataset = raw.get("dataset", "cifar10")
-    if dataset not in DATASET_SHAPES:
+    if not isinstance(dataset, str) or dataset not in DATASET_SHAPES:
         raise ConfigError(f"dataset: unknown dataset {dataset!r}; use one of {', '.join(DATASET_SHAPES)}")
     base_dir = base_dir.expanduser().resolve()
     data_dir = resolve_path(raw.get("data_dir", "./data"), base_dir, "data_dir")
@@ -333,7 +367,8 @@ def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = Fals
     search = _search_stage(raw["search"], dataset, data_dir, first_release) if "search" in raw else None
     evaluation = (_eval_stage(raw["eval"], dataset, data_dir, base_dir, search is not None, first_release)
                   if "eval" in raw else None)
-    failure = raw.get("failure") or {}
+    failure = raw.get("failure")
+    failure = {} if failure is None else failure
     if not isinstance(failure, Mapping) or set(failure) - {"max_failures"}:
         raise ConfigError(f"failure: only 'max_failures' is allowed, got {failure!r}")
     max_failures = failure.get("max_failures", 2)

@@ -6,6 +6,16 @@ import math
 from pathlib import Path
 
 from nas.errors import ConfigError
+from sweeps.lock import describe, holder_alive, read_lock
+
+
+def failed_trials(location: str) -> list[str]:
+    """One line per errored or diverged trial of a local sweep (as ``status`` writes them); [] for a
+    remote one, which status cannot read."""
+    if "://" in str(location):
+        return []
+    lines = sweep_status(Path(location)).splitlines()[1:-1]
+    return [ln for ln in lines if ln.split()[2:3] in (["errored"], ["diverged"])]
 
 
 def sweep_status(path: Path, as_json: bool = False) -> str:
@@ -20,6 +30,9 @@ def sweep_status(path: Path, as_json: bool = False) -> str:
         return frame.to_json(orient="records")
     stages = sweep.read_state().get("stages", {})
     lines = [f"sweep {sweep.path.name}: " + ", ".join(f"{s} {stages.get(s, 'not started')}" for s in ("search", "eval"))]
+    holder = read_lock(sweep)
+    if holder is not None:
+        lines[0] += f"; {'run by' if holder_alive(holder) else 'left locked by a driver that is gone:'} {describe(holder)}"
     for _, r in frame.iterrows():
         what = (f"{r.op_set}" + (f" F={r.F:g}" if not math.isnan(r.F) else "") if r.stage == "search"
                 else f"{r.cell} L={int(r.layers)}")

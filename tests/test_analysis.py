@@ -181,3 +181,22 @@ def test_cells_of_f_variants_are_rebuilt_from_the_frozen_sweep_file(tmp_path):
     assert _genotype(tmp_path, "g-unknown", trials, eval_stage_table(tmp_path)) is None
     (tmp_path / "sweep.yaml").unlink()  # no frozen file (a partial copy): nothing to rebuild from
     assert _genotype(tmp_path, "PIBCONV-F3", trials, eval_stage_table(tmp_path)) is None
+
+
+@pytest.mark.slow
+def test_analyze_merges_sweeps_keeping_each_sweeps_trials(mixed_sweep, tmp_path):
+    from nas.cli import main
+
+    other = tmp_path / "again"
+    shutil.copytree(mixed_sweep, other)  # the same networks, trained in a second sweep
+    out = tmp_path / "merged"
+    assert main(["analyze", str(mixed_sweep), str(other), "--out", str(out)]) == 0
+    merged = pd.read_csv(out / "trials.csv")
+    single, _ = load_frames(mixed_sweep)
+    assert len(merged) == 2 * len(single) and set(merged.sweep) == {"mixed", "again"}
+    t1 = pd.read_csv(out / "table1.csv")
+    one = table1(single)
+    assert len(t1) == 2 * len(one)  # kept apart, not averaged together
+    assert set(t1.Genotype) == {f"{c} [{s}]" for c in one.Genotype for s in ("mixed", "again")}
+    assert (out / "accuracy_vs_layers.png").is_file() and "mixed, again" in (out / "index.md").read_text()
+    assert main(["analyze", str(mixed_sweep), str(other)]) == 2  # several sweeps need --out

@@ -64,6 +64,7 @@ def test_driver_sigkill_then_resume(tmp_path):
         resume = subprocess.run(cli("sweep", "resume", str(tmp_path / "killed"), "--verbose", "0"),
                                 capture_output=True, text=True, env=env, timeout=300)
         assert resume.returncode == 0, resume.stderr[-3000:]
+        assert "taking over the lock of a driver that is gone" in resume.stderr  # the killed driver's lock
         dirs = trial_dirs(stage)
         status = subprocess.run(cli("sweep", "status", str(tmp_path / "killed")), capture_output=True, text=True)
         assert len(dirs) == 4, status.stdout

@@ -1,0 +1,140 @@
+"""One driver per sweep: a lock file in the sweep folder naming its holder, refreshed while it runs.
+
+``driver.lock`` holds host, pid, start time, a random token and a heartbeat refreshed every
+:data:`HEARTBEAT_S` seconds. A second ``run``/``resume`` finds it and is refused while its holder lives:
+on the same host, while the pid exists and the heartbeat is fresh; from another host, while the heartbeat
+is younger than :data:`STALE_AFTER_S`. A lock whose holder is gone is taken over, with a message;
+``--force`` takes it regardless. On a local or shared filesystem the lock is created with ``O_EXCL``
+(atomic where the filesystem honours it: local disks, NFSv3+, Lustre); in cloud storage pyarrow offers no
+conditional write, so the lock is written, then read back to see who won: two drivers starting within the
+same second can both pass there. Clocks of the hosts sharing a sweep must agree to well under
+:data:`STALE_AFTER_S`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nas.errors import ConfigError
+
+LOCK_FILE = "driver.lock"
+HEARTBEAT_S = 15.0
+STALE_AFTER_S = 120.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def holder_alive(holder: dict[str, Any], now: float | None = None) -> bool:
+    """Whether the driver that wrote ``holder`` still runs (see the module docstring)."""
+    age = (now or time.time()) - float(holder.get("heartbeat", 0))
+    if age > STALE_AFTER_S:
+        return False
+    if holder.get("host") == socket.gethostname():
+        return _pid_alive(int(holder.get("pid", -1)))
+    return True
+
+
+def describe(holder: dict[str, Any], now: float | None = None) -> str:
+    age = (now or time.time()) - float(holder.get("heartbeat", 0))
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {started}, last heartbeat {age:.0f} s ago"
+
+
+@dataclass
+class SweepLock:
+    """The held lock of one sweep (see :func:`acquire`); ``release()`` when the driver is done."""
+
+    sweep: Any  # sweeps.driver.SweepDir
+    owner: dict[str, Any]
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _still_mine(self) -> bool:
+        current = read_lock(self.sweep)
+        return current is not None and current.get("token") == self.owner["token"]
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if not self._still_mine():
+                print(f"[dartsweep] warning: another driver took over {self.sweep.location}", file=sys.stderr,
+                      flush=True)
+                return
+            self.owner["heartbeat"] = time.time()
+            self.sweep.write_json(self.owner, LOCK_FILE)
+
+    def start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="dartsweep-lock", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._still_mine():
+            self.sweep.remove(LOCK_FILE)
+
+
+def read_lock(sweep: Any) -> dict[str, Any] | None:
+    if not sweep.exists(LOCK_FILE):
+        return None
+    try:
+        data = json.loads(sweep.read_text(LOCK_FILE))
+    except (OSError, json.JSONDecodeError, FileNotFoundError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _create_exclusive(sweep: Any, owner: dict[str, Any]) -> bool:
+    """Create the lock file only if there is none; False when another driver's appeared first."""
+    if not sweep.is_local:
+        sweep.write_json(owner, LOCK_FILE)
+        time.sleep(1.0)  # let a racing writer's object land, then see who won
+        current = read_lock(sweep)
+        return current is not None and current.get("token") == owner["token"]
+    path = os.path.join(sweep.location, LOCK_FILE)
+    os.makedirs(sweep.location, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(owner, indent=2) + "\n")
+    return True
+
+
+def acquire(sweep: Any, force: bool = False, say=None) -> SweepLock:
+    """Take the sweep's lock or raise ConfigError naming the live holder; ``say`` prints notices."""
+    say = say or (lambda msg: print(f"[dartsweep] {msg}", file=sys.stderr, flush=True))
+    now = time.time()
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now,
+             "token": secrets.token_hex(8)}
+    for _ in range(3):
+        holder = read_lock(sweep)
+        if holder is not None:
+            if holder_alive(holder) and not force:
+                raise ConfigError(f"{sweep.location} is being run by another driver ({describe(holder)}); wait "
+                                  "for it to finish, or pass --force if it is gone")
+            say(f"taking over the lock of {'a driver that is gone' if not holder_alive(holder) else 'a live driver (--force)'}"
+                f" ({describe(holder)})")
+            sweep.remove(LOCK_FILE)
+        if _create_exclusive(sweep, owner):
+            lock = SweepLock(sweep, owner)
+            lock.start_heartbeat()
+            return lock
+    raise ConfigError(f"{sweep.location}: another driver took the lock at the same moment; try again")
