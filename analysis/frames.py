@@ -106,7 +106,7 @@ def _ray_statuses(stage_dir: Path) -> dict[str, tuple[str, str, dict]]:
             analysis = ExperimentAnalysis(str(stage_dir))
         # not Trial.local_path: it asserts that Ray is running (the error text is read from error.txt instead)
         return {t.trial_id: (t.status, (getattr(t, "error_message", None) or "") if t.status == "ERROR" else "",
-                             dict(t.config)) for t in analysis.trials}
+                             {**t.config, **t.config.get("point", {})}) for t in analysis.trials}
     except Exception:  # noqa: BLE001 - a copied or partial folder: fall back to the files
         return {}
 
@@ -188,6 +188,7 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str], table: dict[str
         folder_id = "_".join(trial_dir.name.rsplit("_", 2)[-2:])  # trial folders end in Ray's trial id
         try:
             params = json.loads((trial_dir / "params.json").read_text())
+            params = {**params, **params.get("point", {})}  # an extension part's grid point
             results = trial_history(trial_dir)
         except (json.JSONDecodeError, UnicodeDecodeError, OSError):
             skipped.append(str(trial_dir))
@@ -247,6 +248,10 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str], table: dict[str
     return trials, history
 
 
+def _part_order(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1]) if "-" in path.name else 0
+
+
 def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
@@ -254,13 +259,15 @@ def _num(value: Any) -> float:
 def load_frames(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(trials, history) frames of a sweep directory; corrupt trial files are skipped with one warning."""
     root = Path(sweep_dir).expanduser()
-    stage_dirs = [(s, root / s) for s in ("search", "eval") if (root / s).is_dir()]
+    # a stage's experiment, then an extended sweep's parts of it (eval-2, ...)
+    stage_dirs = [(s, p) for s in ("search", "eval") for p in sorted(root.glob(f"{s}*"), key=_part_order)
+                  if p.is_dir() and (p.name == s or p.name[len(s) + 1:].isdigit())]
     if not (root / "sweep.yaml").is_file() and not stage_dirs:
         raise ConfigError(f"{root} is not a sweep directory (no sweep.yaml, search/ or eval/)")
     trials: list[dict] = []
     history: list[dict] = []
     skipped: list[str] = []
-    table = eval_stage_table(root) if (root / "eval").is_dir() else {}
+    table = eval_stage_table(root) if any(s == "eval" for s, _ in stage_dirs) else {}
     first_release = _first_release(root)
     for stage, path in stage_dirs:
         t, h = _stage_rows(stage, path, skipped, table, first_release)

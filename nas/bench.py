@@ -25,135 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nas import architect
 from nas.data import ImageData, make_batch
 from nas.eval_network import EvalNetwork
 from nas.genotypes import PIBCONV
-from nas.ops import POOLING, build_op, reference_modules
-from nas.opsets import OP_SETS, OpSet
+from nas.opsets import OP_SETS
+from nas.reference import CIFAR_MEAN, CIFAR_STD, PlainArchitect, plain_loader, plain_network, reference_modules
 from nas.search_network import SearchNetwork
-from nas.train import autocast_factory, eval_loss, keep_freed_memory
-
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-# ------------------------------------------------------------------------------------- the plain version
-
-class PlainMixedOp(nn.Module):
-    """DARTS' MixedOp: ``sum(w * op(x) for w, op in zip(weights, ops))`` over every op, ``none`` included
-    (pooling followed by an affine-free BN where the op set says so)."""
-
-    def __init__(self, op_set: OpSet, channels: int, stride: int) -> None:
-        super().__init__()
-        ops = []
-        for name in op_set.primitives:
-            op = build_op(name, channels, stride, False, op_set.options)
-            if name in POOLING and op_set.pooling_bn:
-                op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
-            ops.append(op)
-        self.ops = nn.ModuleList(ops)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        mixed = sum(w * op(x) for w, op in zip(weights, self.ops))
-        return mixed if out is None else out + mixed  # the cell's sum over edges, as DARTS writes it
-
-
-def plain_network(op_set: OpSet, channels: int, layers: int, num_classes: int = 10, in_channels: int = 3,
-                  nodes: int = 4) -> SearchNetwork:
-    return reference_modules(SearchNetwork(op_set, channels, layers, nodes, num_classes, in_channels,
-                                        mixed_op=PlainMixedOp))
-
-
-class PlainArchitect:
-    """DARTS' Architect (quark0/darts ``architect.py``), transcribed: flat parameter vectors, a new model
-    constructed and loaded for every unrolled step, in-place +-R perturbations for the HVP."""
-
-    def __init__(self, model: SearchNetwork, make_model, momentum: float, weight_decay: float) -> None:
-        self.model, self.make_model = model, make_model
-        self.momentum, self.weight_decay = momentum, weight_decay
-
-    def _loss(self, model: SearchNetwork, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x), y)
-
-    def alpha_grads(self, train, valid, eta: float, optimizer: torch.optim.Optimizer, unrolled: bool):
-        if not unrolled:
-            return list(torch.autograd.grad(self._loss(self.model, *valid), self.model.arch_parameters(),
-                                            allow_unused=True, materialize_grads=True))
-        unrolled_model = self._unrolled_model(train, eta, optimizer)
-        loss = self._loss(unrolled_model, *valid)
-        loss.backward()
-        dalpha = [a.grad if a.grad is not None else torch.zeros_like(a) for a in unrolled_model.arch_parameters()]
-        vector = [w.grad if w.grad is not None else torch.zeros_like(w) for w in unrolled_model.weights()]
-        implicit = self._hessian_vector_product(vector, train)
-        return [g - eta * ig for g, ig in zip(dalpha, implicit)]
-
-    def _unrolled_model(self, train, eta: float, optimizer: torch.optim.Optimizer) -> SearchNetwork:
-        weights = self.model.weights()
-        loss = self._loss(self.model, *train)
-        theta = torch.cat([w.reshape(-1) for w in weights]).detach()
-        try:
-            moment = torch.cat([optimizer.state[w]["momentum_buffer"].reshape(-1) for w in weights]) * self.momentum
-        except KeyError:
-            moment = torch.zeros_like(theta)
-        grads = torch.autograd.grad(loss, weights, allow_unused=True, materialize_grads=True)
-        dtheta = torch.cat([g.reshape(-1) for g in grads]) + self.weight_decay * theta
-        new_theta = theta - eta * (moment + dtheta)
-        model = self.make_model()
-        state, offset = self.model.state_dict(), 0
-        for name, w in self.model.named_weights().items():
-            state[name] = new_theta[offset:offset + w.numel()].view_as(w)
-            offset += w.numel()
-        model.load_state_dict(state)
-        return model
-
-    def _hessian_vector_product(self, vector, train, r: float = 1e-2):
-        weights = self.model.weights()
-        R = r / torch.cat([v.reshape(-1) for v in vector]).norm()
-        with torch.no_grad():
-            for w, v in zip(weights, vector):
-                w.add_(v, alpha=R)
-        grads_p = torch.autograd.grad(self._loss(self.model, *train), self.model.arch_parameters(),
-                                      allow_unused=True, materialize_grads=True)
-        with torch.no_grad():
-            for w, v in zip(weights, vector):
-                w.sub_(v, alpha=2 * R)
-        grads_n = torch.autograd.grad(self._loss(self.model, *train), self.model.arch_parameters(),
-                                      allow_unused=True, materialize_grads=True)
-        with torch.no_grad():
-            for w, v in zip(weights, vector):
-                w.add_(v, alpha=R)
-        return [(p - n) / (2 * R) for p, n in zip(grads_p, grads_n)]
-
-
-def plain_loader(images: np.ndarray, labels: np.ndarray, batch: int, cutout: int = 0):
-    """Per-image PIL transforms through a torch DataLoader (as the research scripts do)."""
-    import torchvision.transforms as T
-    from PIL import Image
-
-    class Cutout:
-        def __init__(self, length: int) -> None:
-            self.length = length
-
-        def __call__(self, img: torch.Tensor) -> torch.Tensor:
-            h, w = img.shape[1:]
-            y, x = np.random.randint(h), np.random.randint(w)
-            mask = torch.ones(h, w)
-            mask[max(0, y - self.length // 2):min(h, y + self.length // 2),
-                 max(0, x - self.length // 2):min(w, x + self.length // 2)] = 0
-            return img * mask
-
-    tf = [T.RandomCrop(images.shape[1], padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-          T.Normalize(CIFAR_MEAN, CIFAR_STD)] + ([Cutout(cutout)] if cutout else [])
-    transform = T.Compose(tf)
-
-    class DS(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(labels)
-
-        def __getitem__(self, i: int):
-            return transform(Image.fromarray(images[i])), int(labels[i])
-
-    return torch.utils.data.DataLoader(DS(), batch_size=batch, shuffle=True, num_workers=0, drop_last=True)
+from nas.train import autocast_factory, eval_step, keep_freed_memory, search_step
 
 
 # ----------------------------------------------------------------------------------------- measurements
@@ -281,21 +159,18 @@ def _search_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: n
 
     def step(i: int) -> None:
         train, valid = batch_pair(i)
+        if fast:  # the product's own step (nas.train), as run_search runs it
+            search_step(model, opt, arch_opt, train, valid, 0.025, order=args["order"], momentum=0.9,
+                        weight_decay=3e-4, grad_clip=5.0, autocast=autocast)
+            return
         arch_opt.zero_grad(set_to_none=True)
-        if fast:
-            grads = (architect.second_order_alpha_grads(model, train, valid, 0.025, 0.9, 3e-4,
-                                                        architect.momentum_buffers(opt, model), autocast)
-                     if args["order"] == 2 else architect.first_order_alpha_grads(model, valid, autocast))
-        else:
-            grads = plain.alpha_grads(train, valid, 0.025, opt, unrolled=args["order"] == 2)
+        grads = plain.alpha_grads(train, valid, 0.025, opt, unrolled=args["order"] == 2)
         for a, g in zip(model.arch_parameters(), grads):
             a.grad = g
         arch_opt.step()
         opt.zero_grad(set_to_none=True)
-        # research code's loss.backward() also fills alpha's .grad; the fast step leaves alpha out of the graph
-        with autocast(), architect.without_grad(model.arch_parameters()) if fast else contextlib.nullcontext():
-            logits = model(train[0])
-        F.cross_entropy(logits.float(), train[1]).backward()
+        # research code's loss.backward() also fills alpha's .grad
+        F.cross_entropy(model(train[0]), train[1]).backward()
         nn.utils.clip_grad_norm_(model.weights(), 5.0)
         opt.step()
 
@@ -329,13 +204,38 @@ def _eval_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: np.
         else:
             x, y = next(loader)
             x, y = x.to(device), y.to(device)
-        opt.zero_grad(set_to_none=True)
-        loss, _ = eval_loss(model, x, y, 0.4, autocast)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
+        eval_step(model, opt, x, y, aux_weight=0.4, grad_clip=5.0, autocast=autocast)  # the product's step
 
     return step
+
+
+def count_ops(kind: str, fast: bool, args: dict[str, Any], path: str = "cuda") -> int:
+    """ATen ops dispatched by one step (the second; the first warms up), the yardstick of host cost that
+    needs no GPU: on a GPU each is a host-side dispatch and most a kernel launch. ``path="cuda"`` runs the
+    CUDA code path on CPU tensors: kernels native (:func:`nas.kernels.native_kernels`), the fast side in
+    bf16 autocast (CPU autocast's op lists, close to CUDA's) and channels_last; the plain side is float32
+    NCHW either way. Deterministic."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nas.kernels import native_kernels
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args_=(), kwargs=None):  # noqa: ANN001 - torch's signature
+            self.count += 1
+            return func(*args_, **(kwargs or {}))
+
+    args = {**args, "device": "cpu", "amp": fast and path == "cuda"}
+    images, labels = _synthetic(args["batch"] * 4, args["size"])
+    with native_kernels() if path == "cuda" else contextlib.nullcontext():
+        step = STEP_BUILDERS[kind](fast, args, images, labels)
+        step(0)
+        with Counter() as counter:
+            step(1)
+    return counter.count
 
 
 def run_eval_bench(fast: bool, args: dict[str, Any]) -> dict[str, float]:
@@ -623,6 +523,16 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             "amp": ns.device == "cuda" and not ns.no_amp, "threads": ns.threads or torch.get_num_threads()}
     if ns.repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {ns.repeats}")
+    if ns.count_ops:
+        if ns.kind not in ("search", "eval"):
+            raise ConfigError("--count-ops counts a search or an eval step")
+        counts = {side: count_ops(ns.kind, side == "fast", args, ns.path) for side in ("fast", "plain")}
+        if ns.json:
+            print(json.dumps({"ops_per_step": counts, "path": ns.path, "config": {"kind": ns.kind, **args}}))
+        else:
+            print(f"ATen ops per {ns.kind} step ({ns.path} code path): fast {counts['fast']:,}, plain "
+                  f"{counts['plain']:,} ({counts['fast'] / counts['plain']:.2f}x)")
+        return 0
     print(f"bench {ns.kind}: {args}, {ns.repeats} round(s)", file=sys.stderr)
     cores = usable_cores()
     warning = contention_warning(busy_cores(cores), len(cores), args["threads"]) if ns.device == "cpu" else None
@@ -684,7 +594,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=_positive_int, help="batch size (search 16, eval 32)")
     p.add_argument("--size", type=_positive_int, default=32, help="image size (default 32)")
     p.add_argument("--steps", type=_positive_int, default=3, help="timed steps after one warm-up step")
-    p.add_argument("--repeats", type=_positive_int, default=1,
+    p.add_argument("--repeats", type=int, default=1,
                    help="alternate fast and plain this many rounds; report medians (steadier on a shared machine)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=_positive_int, help="torch threads (default: all)")
@@ -695,5 +605,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-amp", action="store_true", help="CUDA: fast side in float32")
     p.add_argument("--trials", default="1,2,4,8", help="pack: trial counts to run at once (default 1,2,4,8)")
     p.add_argument("--seconds", type=_positive_float, default=20.0, help="pack: seconds each count trains (default 20)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="print ATen ops dispatched per step for both sides instead of timing (no GPU needed)")
+    p.add_argument("--path", choices=("cpu", "cuda"), default="cuda",
+                   help="with --count-ops: the code path counted (cuda: the CUDA path on CPU tensors)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -68,10 +68,6 @@ def effective_ratios(ratio: float, channels: int, layers: int) -> dict[int, floa
 @lru_cache(maxsize=256)
 def _complexity(genotype: Genotype, layers: int, channels: int, num_classes: int, in_channels: int,
                 image_size: int) -> Complexity:
-    from ptflops import get_model_complexity_info
-
-    from nas.ops import reference_modules
-
     model = EvalNetwork(genotype, channels, layers, num_classes, in_channels, auxiliary=False).eval()
     return _measure(model, in_channels, image_size)
 
@@ -79,7 +75,7 @@ def _complexity(genotype: Genotype, layers: int, channels: int, num_classes: int
 def _measure(model: torch.nn.Module, in_channels: int, image_size: int) -> Complexity:
     from ptflops import get_model_complexity_info
 
-    from nas.ops import reference_modules
+    from nas.reference import reference_modules
 
     # every conv a module call, as ptflops counts them (the CPU rewrites compute some convs functionally)
     model = reference_modules(model)

@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nas.genotypes import Genotype
-from nas.ops import GlobalAvgPool2d, build_op, cell_layout, cell_preprocessing, stem
+from nas.kernels import GlobalAvgPool2d
+from nas.ops import build_op, cell_layout, cell_preprocessing, stem
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:

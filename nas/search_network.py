@@ -9,7 +9,8 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from nas.genotypes import Genotype
-from nas.ops import (POOLING, GlobalAvgPool2d, build_op, cell_layout, cell_preprocessing, make_activation,
+from nas.kernels import GlobalAvgPool2d
+from nas.ops import (POOLING, build_op, cell_layout, cell_preprocessing, make_activation,
                      make_norm, stem)
 from nas.opsets import OpSet
 

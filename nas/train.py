@@ -190,6 +190,32 @@ def search_split(n: int, train_portion: float) -> tuple[torch.Tensor, torch.Tens
     return order[:cut], order[cut:]
 
 
+def search_step(model: SearchNetwork, optimizer: torch.optim.Optimizer, arch_optimizer: torch.optim.Optimizer,
+                train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Tensor, torch.Tensor], lr: float, *,
+                order: int, momentum: float, weight_decay: float, grad_clip: float,
+                autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DARTS step, as ``run_search`` and ``dartsweep bench search`` run it: the architecture step on
+    (train, valid), first order or second order (unrolled at the weight learning rate ``lr``), then the
+    weight step on ``train``. Returns the weight step's (loss, logits)."""
+    arch_optimizer.zero_grad(set_to_none=True)
+    if order == 2:
+        grads = architect.second_order_alpha_grads(model, train, valid, lr, momentum, weight_decay,
+                                                   architect.momentum_buffers(optimizer, model), autocast)
+    else:
+        grads = architect.first_order_alpha_grads(model, valid, autocast)
+    for a, g in zip(model.arch_parameters(), grads):
+        a.grad = g
+    arch_optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(), architect.without_grad(model.arch_parameters()):  # alpha's gradient is not needed
+        logits = model(train[0]).float()
+    loss = F.cross_entropy(logits, train[1])
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.weights(), grad_clip)
+    optimizer.step()
+    return loss, logits
+
+
 def run_search(config: SearchConfig, *, data: ImageData | None = None, device: str | torch.device | None = None,
                resume: dict[str, Any] | None = None, on_epoch: EpochHook | None = None,
                on_step: StepHook | None = None) -> SearchResult:
@@ -233,25 +259,9 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
             bw, ba = w_batches[step], a_batches[step % len(a_batches)]
             train = (make_batch(data, x_w[bw], augment=True, generator=gen, memory_format=fmt), y_w[bw])
             valid = (make_batch(data, x_a[ba], augment=True, generator=gen, memory_format=fmt), y_a[ba])
-            # architecture step
-            arch_optimizer.zero_grad(set_to_none=True)
-            if config.order == 2:
-                grads = architect.second_order_alpha_grads(
-                    model, train, valid, lr, config.momentum, config.weight_decay,
-                    architect.momentum_buffers(optimizer, model), autocast)
-            else:
-                grads = architect.first_order_alpha_grads(model, valid, autocast)
-            for a, g in zip(model.arch_parameters(), grads):
-                a.grad = g
-            arch_optimizer.step()
-            # weight step
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(), architect.without_grad(model.arch_parameters()):  # alpha's gradient is not needed
-                logits = model(train[0]).float()
-            loss = F.cross_entropy(logits, train[1])
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.weights(), config.grad_clip)
-            optimizer.step()
+            loss, logits = search_step(model, optimizer, arch_optimizer, train, valid, lr, order=config.order,
+                                       momentum=config.momentum, weight_decay=config.weight_decay,
+                                       grad_clip=config.grad_clip, autocast=autocast)
             totals.add(loss, logits, train[1], epoch, step, last=step + 1 == steps)
             if on_step is not None:
                 on_step(step + 1, steps)
@@ -310,6 +320,18 @@ def eval_loss(model: EvalNetwork, inputs: torch.Tensor, targets: torch.Tensor, a
     return loss, logits
 
 
+def eval_step(model: EvalNetwork, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor, *,
+              aux_weight: float, grad_clip: float,
+              autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One evaluation training step, as ``run_eval`` and ``dartsweep bench eval`` run it; (loss, logits)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, logits = eval_loss(model, inputs, targets, aux_weight, autocast)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss, logits
+
+
 def run_eval(config: EvalConfig, *, data: ImageData | None = None, device: str | torch.device | None = None,
              resume: dict[str, Any] | None = None, on_epoch: EpochHook | None = None,
              on_step: StepHook | None = None) -> EvalResult:
@@ -351,11 +373,8 @@ def run_eval(config: EvalConfig, *, data: ImageData | None = None, device: str |
             inputs = make_batch(data, data.train_x[idx], augment=True, generator=gen, cutout_length=cutout_length,
                                 memory_format=fmt)
             targets = data.train_y[idx]
-            optimizer.zero_grad(set_to_none=True)
-            loss, logits = eval_loss(model, inputs, targets, config.auxiliary_weight, autocast)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            loss, logits = eval_step(model, optimizer, inputs, targets, aux_weight=config.auxiliary_weight,
+                                     grad_clip=config.grad_clip, autocast=autocast)
             totals.add(loss, logits, targets, epoch, step, last=step + 1 == len(batches))
             if on_step is not None:
                 on_step(step + 1, len(batches))

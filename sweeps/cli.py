@@ -55,6 +55,21 @@ def _drive(run) -> int:
     return EXIT_OK
 
 
+def cmd_extend(args: argparse.Namespace) -> int:
+    from sweeps.driver import SweepDir, extend_sweep, format_table
+    from sweeps.extend import plan, prepare_extension
+
+    if args.dry_run:
+        sweep = SweepDir.at(args.dir)
+        old, union = prepare_extension(sweep, args.file)
+        rows = plan(sweep, old, union)
+        print(json.dumps(rows) if args.json else format_table(rows))
+        print(f"{union.name}: {len(rows)} new trial row(s); nothing launched", file=sys.stderr)
+        return 0
+    return _drive(lambda: extend_sweep(args.dir, args.file, address=args.address, verbose=args.verbose,
+                                       force=args.force))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from sweeps.status import sweep_status
 
@@ -113,6 +128,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
     p.add_argument("--force", action="store_true", help="take the sweep's lock even from a live driver")
     p.set_defaults(func=cmd_resume)
+    p = sweep.add_parser("extend", help="add grid points (op sets, F, seeds, genotypes, layers) to a finished sweep")
+    p.add_argument("dir", help="the sweep folder")
+    p.add_argument("file", help="a sweep file whose grid lists hold the values to add (the rest must match)")
+    p.add_argument("--dry-run", action="store_true", help="print exactly the new trials; train nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the table as JSON")
+    p.add_argument("--address")
+    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    p.add_argument("--force", action="store_true", help="take the sweep's lock even from a live driver")
+    p.set_defaults(func=cmd_extend)
     p = sweep.add_parser("overhead", help="measure Ray Tune's wall-time overhead on tiny trials")
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=90, help="epochs per trial (90: about 20 s on 2 cores)")

@@ -52,11 +52,17 @@ def captured_console(log_path: Path | None, verbose: int) -> Iterator[None]:
 
     reader = threading.Thread(target=pump, name="dartsweep-console", daemon=True)
     reader.start()
+    # Python-level writers too (Tune prints its tables with print()), also where sys.stdout is not fd 1
+    # (a notebook, a test's capture)
+    streams = sys.stdout, sys.stderr
+    sys.stdout = open(1, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False, encoding="utf-8", errors="replace")  # noqa: SIM115
     try:
         yield
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
         os.dup2(saved_out, 1)  # the pipe's last write ends (fds 1 and 2) close: the reader sees its end
         os.dup2(saved_err, 2)
         reader.join(timeout=10)

@@ -1,9 +1,18 @@
 """Launch, resume and inspect two-stage sweeps (search -> genotypes -> eval) on Ray Tune.
 
+How a sweep flows: the YAML file is parsed and checked into a ``SweepSpec`` (``sweeps.spec``) before any
+cluster work; ``run_sweep`` loads the data set once, takes the sweep's lock (``sweeps.lock``), freezes the
+spec into the sweep folder and runs the stages one after another (``_run_stages``): each stage is one Ray
+Tune experiment whose trials are ``sweeps.trainables.search_trainable`` / ``eval_trainable`` (plain
+functions calling ``nas.train``), given the op-set or genotype table and the data through Ray's object
+store. After the search stage, ``collect_genotypes`` writes every derived cell to ``genotypes/`` and they
+become the eval stage's ``searched`` genotypes. ``resume_sweep`` restores each stage that is not done.
+
 Sweep directory (``<storage>/<name>/``):
 
-- ``sweep.yaml``   the frozen, resolved sweep file (genotype files embedded)
-- ``state.json``   which stage is done; a resumed sweep continues with the right stage
+- ``sweep.yaml``   the frozen, resolved sweep file (genotype files embedded, absolute paths, ``format: 2``)
+- ``state.json``   which stage is done (or interrupted); a resumed sweep continues with the right stage
+- ``driver.lock``  the running driver (``sweeps.lock``); ``driver.log``: Ray's console output
 - ``search/``      the search stage's Ray Tune experiment
 - ``genotypes/``   one JSON per derived genotype plus ``index.json`` (written atomically)
 - ``eval/``        the eval stage's Ray Tune experiment
@@ -253,10 +262,13 @@ def _ray_stop() -> None:
     ray.shutdown()
 
 
-def _param_space(stage: Stage, genotypes: dict[str, Any] | None = None) -> dict[str, Any]:
+def _param_space(stage: Stage, genotypes: dict[str, Any] | None = None,
+                 points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     from ray import tune
 
     alg = stage.search_alg
+    if points is not None:  # an extension's part: exactly these grid points (see sweeps.extend)
+        return {"base": stage.base, "checkpoint_every": stage.checkpoint_every, "point": tune.grid_search(points)}
 
     def axis(values: list | dict | None) -> Any:
         if values is None:
@@ -362,28 +374,32 @@ def _trainable(stage: Stage, genotypes: dict[str, Any] | None = None, data: Imag
 
 
 def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict | None = None,
-               verbose: int = 1, data: ImageData | None = None) -> Any:
+               verbose: int = 1, data: ImageData | None = None, part: str | None = None,
+               points: list[dict[str, Any]] | None = None) -> Any:
+    """Run (or restore) one Ray Tune experiment of a stage: the stage's own grid, or an extension's
+    ``part`` (``eval-2``, ...) over exactly ``points``."""
     from ray import tune
 
     from sweeps.console import ProgressView
     from sweeps.loggers import CSVLogger, JsonLogger
 
-    stage_path = sweep.join(stage.kind)
+    part = part or stage.kind
+    stage_path = sweep.join(part)
     trainable = _trainable(stage, genotypes, data)
     if tune.Tuner.can_restore(stage_path):
-        _print(f"{stage.kind}: continuing the experiment in {stage_path}")
+        _print(f"{part}: continuing the experiment in {stage_path}")
         tuner = tune.Tuner.restore(stage_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        _print(f"{stage.kind}: starting {stage_path}")
+        _print(f"{part}: starting {stage_path}")
         run_config = tune.RunConfig(
-            name=stage.kind, storage_path=sweep.location, verbose=verbose,
+            name=part, storage_path=sweep.location, verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[JsonLogger(), CSVLogger()],  # Ray adds its TensorBoard logger itself
         )
-        tuner = tune.Tuner(trainable, param_space=_param_space(stage, genotypes),
+        tuner = tune.Tuner(trainable, param_space=_param_space(stage, genotypes, points),
                            tune_config=_tune_config(stage, spec, sweep), run_config=run_config)
-    expected = expected_trials(stage, genotypes)
+    expected = len(points) if points is not None else expected_trials(stage, genotypes)
     view = ProgressView(Path(stage_path), stage.kind, expected, stage.epochs, stage.metric) \
         if verbose >= 1 and sweep.is_local else contextlib.nullcontext()
     with view:
@@ -391,12 +407,12 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
     statuses = [t.status for t in tune.ExperimentAnalysis(stage_path).trials]
     unfinished = max(expected, len(statuses)) - sum(s in ("TERMINATED", "ERROR") for s in statuses)
     if unfinished > 0:  # Ctrl-C: Tune saved the experiment and returned; the stage is not done
-        sweep.mark(stage.kind, "interrupted")
-        raise SweepInterrupted(f"{stage.kind}: stopped with {unfinished} of {max(expected, len(statuses))} trial(s) "
+        sweep.mark(part, "interrupted")
+        raise SweepInterrupted(f"{part}: stopped with {unfinished} of {max(expected, len(statuses))} trial(s) "
                                f"unfinished or not started; `dartsweep sweep resume {sweep.location}` runs them")
     errors = len(results.errors)
-    sweep.mark(stage.kind, "done" if errors == 0 else "done_with_errors")
-    _print(f"{stage.kind}: {len(results)} trials, {errors} errored")
+    sweep.mark(part, "done" if errors == 0 else "done_with_errors")
+    _print(f"{part}: {len(results)} trials, {errors} errored")
     return results
 
 
@@ -418,9 +434,9 @@ def collect_genotypes(sweep: SweepDir, spec: SweepSpec) -> dict[str, Any]:
 
     first_release = spec.first_release
     op_set_ids = {key: OpSet.from_dict(m).id for key, m in spec.search.axes["op_sets"].items()} if spec.search else {}
-    analysis = tune.ExperimentAnalysis(sweep.join("search"))
     found: dict[str, Any] = {}
-    for trial in analysis.trials:
+    trials = [t for part in stage_parts(sweep, "search") for t in tune.ExperimentAnalysis(sweep.join(part)).trials]
+    for trial in trials:
         last = trial.last_result or {}
         if trial.status != "TERMINATED" or last.get("diverged") or "genotype" not in last:
             continue
@@ -512,6 +528,23 @@ def _warn_cluster_resources(spec: SweepSpec) -> None:
                    f"{need['GPU']:g} GPU); its nodes have {best}; trials pend until such a node joins")
 
 
+def extend_sweep(location: str | Path, file: str | Path, address: str | None = None, verbose: int = 1,
+                 force: bool = False) -> str:
+    """Add the grid points of ``file`` to a finished sweep and train only those (``sweeps.extend``)."""
+    from sweeps.extend import apply_extension, prepare_extension
+
+    sweep = SweepDir.at(location)
+    old, union = prepare_extension(sweep, file)
+    check_resources(union, address)
+    lock = acquire_lock(sweep, force)
+    try:
+        data = load_sweep_data(union)
+        apply_extension(sweep, old, union)
+        return _continue(sweep.load_spec(), sweep, address, verbose, data)
+    finally:
+        lock.release()
+
+
 def acquire_lock(sweep: SweepDir, force: bool = False):
     """The sweep's driver lock (``sweeps.lock``): refused (ConfigError) while another driver runs it."""
     from sweeps.lock import acquire
@@ -567,17 +600,49 @@ def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: in
 
 
 def _run_stages(spec: SweepSpec, sweep: SweepDir, verbose: int, data: ImageData | None) -> None:
-    state = sweep.read_state().get("stages", {})
+    state = sweep.read_state()
+    stages = state.get("stages", {})
     searched: dict[str, Any] = {}
     if spec.search is not None:
-        if state.get("search") != "done":
+        if stages.get("search") != "done":
             _run_stage(spec, sweep, spec.search, verbose=verbose, data=data)
+        for part, points in _extension_parts(sweep, spec.search, None):
+            _run_stage(spec, sweep, spec.search, verbose=verbose, data=data, part=part, points=points)
         searched = collect_genotypes(sweep, spec)
         _print(f"search: {len(searched)} genotype(s) in {sweep.join(GENOTYPE_DIR)}")
-    if spec.eval is not None and state.get("eval") != "done":
+    if spec.eval is not None:
         genotypes = eval_genotypes(spec, searched)
         if not genotypes:
             sweep.mark("eval", "skipped_no_genotypes")
             _print("eval: no genotypes to evaluate (every search trial failed); see `dartsweep sweep status`")
-        else:
+            return
+        if stages.get("eval") != "done":
             _run_stage(spec, sweep, spec.eval, genotypes, verbose=verbose, data=data)
+        for part, points in _extension_parts(sweep, spec.eval, genotypes):
+            _run_stage(spec, sweep, spec.eval, genotypes, verbose=verbose, data=data, part=part, points=points)
+
+
+def _extension_parts(sweep: SweepDir, stage: Stage, genotypes: dict[str, Any] | None):
+    """(part, points) of an extended sweep's stage still to run: recorded parts not done, then the grid
+    points no part holds yet (new values, and cells new search trials found) as a new part."""
+    from sweeps.extend import missing_points, next_part, parts_of, record_points
+
+    state = sweep.read_state()
+    if "points" not in state:  # never extended: the stage's own experiment is the whole stage
+        return
+    for part, points in parts_of(state, stage.kind):
+        if part != stage.kind and state.get("stages", {}).get(part) != "done":
+            yield part, points
+    missing = missing_points(sweep.read_state(), stage, genotypes)
+    if missing:
+        part = next_part(sweep.read_state(), stage.kind)
+        record_points(sweep, part, missing)
+        yield part, missing
+
+
+def stage_parts(sweep: SweepDir, kind: str) -> list[str]:
+    """The stage's Ray Tune experiments: its own, then an extended sweep's parts (``eval-2``, ...)."""
+    from sweeps.extend import parts_of
+
+    parts = [p for p, _ in parts_of(sweep.read_state(), kind)]
+    return [p for p in ([kind] + [p for p in parts if p != kind]) if sweep.exists(p)]

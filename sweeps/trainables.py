@@ -1,5 +1,11 @@
 """Ray Tune trainables for the search and eval phases, and a layer-grouped ASHA scheduler.
 
+Where they sit in a sweep (``sweeps.driver``): the driver runs one Ray Tune experiment per stage; each
+trial calls one of these functions with its config (an op-set or genotype id, F, layers, seed and the
+stage's fixed settings) plus the stage's tables and the data set from Ray's object store; the function
+builds a ``SearchConfig``/``EvalConfig`` and runs ``nas.train.run_search``/``run_eval``, reporting every
+epoch into the trial's folder.
+
 Each trainable is a plain function: it reads its config, restores from ``tune.get_checkpoint()`` when
 present (continuing from the epoch after the checkpoint), runs the ``nas`` loop and calls
 ``tune.report(metrics, checkpoint=...)`` every epoch. Tune's TensorBoard logger writes every reported
@@ -111,11 +117,18 @@ def _data(shipped: Mapping[str, Any] | None, dataset: str, data_dir: str) -> Ima
     return from_arrays(shipped) if shipped is not None else load_dataset(dataset, data_dir, download=False)
 
 
+def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's config with an extension part's grid point (``point``: op set / genotype, layers, F, seed)
+    lifted to the top, where a stage's own trials have them."""
+    return {**config, **config.get("point", {})}
+
+
 def search_trainable(config: dict[str, Any], op_sets: Mapping[str, Any],
                      data: Mapping[str, Any] | None = None) -> None:
     """One DARTS search. config: op_set (id), F, seed, base (SearchConfig fields); op_sets: id -> mapping,
     and data (see ``_data``), shared by the stage's trials."""
     _set_threads()
+    config = flat_config(config)
     op_set = dict(op_sets[config["op_set"]])
     if config.get("F") is not None:
         op_set["bottleneck_ratio"] = float(config["F"])
@@ -154,7 +167,7 @@ def eval_trainable(config: dict[str, Any], genotypes: Mapping[str, Any],
     (``{"genotype": ..., "op_set": ..., "source_trial": ...}``) and data (see ``_data``), shared by the
     stage's trials."""
     _set_threads()
-    cfg, fixed = eval_trial_config(config, genotypes)
+    cfg, fixed = eval_trial_config(flat_config(config), genotypes)
     images = _data(data, cfg.dataset, cfg.data_dir)
     fixed["train_images"] = len(images.train_y)
     state, history = _restore()
@@ -167,7 +180,7 @@ def eval_trainable(config: dict[str, Any], genotypes: Mapping[str, Any],
 
 def trial_dirname(trial: Any) -> str:
     """Short, readable trial folder names: stage, what varies, and the trial id."""
-    c = trial.config
+    c = flat_config(trial.config)
     if "op_set" in c:
         f = f"_F{c['F']:g}" if c.get("F") is not None else ""
         return f"search_{c['op_set']}{f}_s{c['seed']}_{trial.trial_id}"

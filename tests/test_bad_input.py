@@ -2,7 +2,6 @@
 (exit 0) or one error line (exit 2), never a traceback, and never accept a value of the wrong type."""
 
 import random
-from pathlib import Path
 
 import pytest
 import yaml

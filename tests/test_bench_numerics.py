@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from nas import architect
-from nas.bench import (PlainArchitect, busy_cores, contended_rounds, contention_warning, plain_network,
-                       sampled_gpu_busy)
+from nas.bench import busy_cores, contended_rounds, contention_warning, sampled_gpu_busy
+from nas.reference import PlainArchitect, plain_network
 from nas.ops import OpOptions
 from nas.opsets import OpSet
 from nas.search_network import SearchNetwork
@@ -95,8 +95,9 @@ def test_weight_step_without_alpha_in_the_graph_gives_the_same_weight_gradients(
 
 def test_plain_network_has_only_research_code_modules():
     """The bench's baseline runs nn.Conv2d / nn.BatchNorm2d / DARTS' FactorizedReduce, never a CPU rewrite."""
-    from nas.ops import (DepthwiseConv2d, FactorizedReduce, GroupedConv2d, LeanBatchNorm2d, PointwiseConv2d,
-                         ReferenceFactorizedReduce)
+    from nas.kernels import DepthwiseConv2d, GroupedConv2d, LeanBatchNorm2d, PointwiseConv2d
+    from nas.ops import FactorizedReduce
+    from nas.reference import ReferenceFactorizedReduce
 
     rewrites = {DepthwiseConv2d, GroupedConv2d, PointwiseConv2d, LeanBatchNorm2d, FactorizedReduce}
     fast, plain, _ = twins()
@@ -313,3 +314,18 @@ def test_bench_pack_search_trials_train_the_search_step():
     assert "2 search trial(s) at once" in proc.stderr
     bad = bench_cli("pack", "--phase", "weights")
     assert bad.returncode == 2 and "--phase" in bad.stderr
+
+
+def test_count_ops_is_deterministic_and_follows_the_code_path():
+    """ATen ops per step, the yardstick that needs no GPU: the same count every time; the CUDA path (native
+    kernels, bf16 autocast) dispatches other ops than the CPU rewrites do."""
+    def count(*extra):
+        out = subprocess.run([sys.executable, "-m", "nas.cli", "bench", "search", "--order", "1", "--C", "4",
+                              "--layers", "2", "--batch", "2", "--size", "8", "--count-ops", "--json", *extra],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["ops_per_step"]
+
+    cuda, again, cpu = count(), count(), count("--path", "cpu")
+    assert cuda == again and all(v > 1000 for v in cuda.values())
+    assert cuda["plain"] == cpu["plain"] and cuda["fast"] != cpu["fast"]

@@ -36,7 +36,7 @@ def test_gmacs_count_every_conv_the_network_runs(genotype):
     from torch.utils.flop_counter import FlopCounterMode
 
     from nas.eval_network import EvalNetwork
-    from nas.ops import reference_modules
+    from nas.reference import reference_modules
 
     torch.manual_seed(0)
     fast = EvalNetwork(genotype, 16, 5, 10, 3, auxiliary=False).eval().to(memory_format=torch.channels_last)

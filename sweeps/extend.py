@@ -1,0 +1,190 @@
+"""Grow a sweep: more op sets, F values or seeds for the search; more genotypes, layers, F or seeds for
+the eval. Only the new grid points train; finished trials are reused where they are.
+
+Ray Tune cannot add points to an experiment, so each extension runs the points no experiment of the
+stage holds yet as a new experiment of that stage, a *part* (``search-2/``, ``eval-2/``, ...) whose
+param space lists exactly those points. ``state.json`` records every part's points (``"points"``), so
+the driver knows what is missing: after new search trials find new cells, the eval stage's missing
+points include those cells at every layer count, F and seed, and run as one more part. ``status`` and
+``analyze`` read every part as one sweep. A change that alters how an existing trial trains (epochs, lr,
+batch size, data set, ...) is refused; extending works on grid stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from nas.config import EvalConfig, SearchConfig
+from nas.errors import ConfigError
+from sweeps.spec import SEARCHED, Stage, SweepSpec, eval_trials, parse_sweep, search_trials
+
+GRID_KEYS = {"search": ("op_sets", "F", "seeds"), "eval": ("genotypes", "layers", "F", "seeds")}
+POINT_KEYS = {"search": ("op_set", "F", "seed"), "eval": ("genotype", "layers", "F", "seed")}
+
+
+def _key(point: dict[str, Any]) -> tuple:
+    return tuple(sorted(point.items()))  # 2 == 2.0 and hash alike: F needs no normalising
+
+
+def parts_of(state: dict[str, Any], kind: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(part, points) recorded for a stage, its own experiment first."""
+    parts = [(p, pts) for p, pts in state.get("points", {}).items() if p == kind or p.startswith(kind + "-")]
+    return sorted(parts, key=lambda item: 0 if item[0] == kind else int(item[0].rsplit("-", 1)[1]))
+
+
+def next_part(state: dict[str, Any], kind: str) -> str:
+    return f"{kind}-{len(parts_of(state, kind)) + 1}"
+
+
+def record_points(sweep: Any, part: str, points: list[dict[str, Any]]) -> None:
+    state = sweep.read_state()
+    state.setdefault("points", {})[part] = points
+    sweep.write_json(state, "state.json")
+
+
+def stage_points(stage: Stage, genotypes: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every grid point of the stage (search: op set, F, seed; eval: genotype, layers, F, seed)."""
+    return search_trials(stage) if stage.kind == "search" else eval_trials(stage, genotypes or {})
+
+
+def missing_points(state: dict[str, Any], stage: Stage, genotypes: dict[str, Any] | None) -> list[dict[str, Any]]:
+    held = {_key(p) for _, pts in parts_of(state, stage.kind) for p in pts}
+    return [p for p in stage_points(stage, genotypes) if _key(p) not in held]
+
+
+def experiment_points(sweep: Any, part: str) -> list[dict[str, Any]]:
+    """The grid points of a finished experiment's trials, from their configs."""
+    from ray import tune
+
+    kind = part.split("-")[0]
+    points = []
+    for trial in tune.ExperimentAnalysis(sweep.join(part)).trials:
+        config = {**trial.config, **trial.config.get("point", {})}
+        points.append({k: config.get(k) for k in POINT_KEYS[kind]})
+    return points
+
+
+def _effective(kind: str, base: dict[str, Any]) -> dict[str, Any]:
+    cls = SearchConfig if kind == "search" else EvalConfig
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {k: v for k, v in {**defaults, **base}.items() if k not in ("data_dir", "op_set", "genotype", "seed",
+                                                                        "layers", "bottleneck_ratio")}
+
+
+def check_extension(old: SweepSpec, new: SweepSpec, file: str) -> None:
+    """Refuse what would change how existing trials train, or what extending cannot do."""
+    if old.first_release:
+        raise ConfigError("this sweep was written by dartsweep's first release; start a new sweep (analyze can "
+                          "merge the two)")
+    if new.dataset != old.dataset:
+        raise ConfigError(f"dataset: {old.dataset} in the sweep, {new.dataset} in {file}; extending cannot change "
+                          "how existing trials train (start a new sweep)")
+    for kind in ("search", "eval"):
+        was, now = getattr(old, kind), getattr(new, kind)
+        if now is None:
+            continue
+        if was is None:
+            raise ConfigError(f"{kind}: the sweep has no {kind} stage; extending adds grid points, not stages")
+        if "grid" != was.search_alg.type or "grid" != now.search_alg.type:
+            raise ConfigError(f"{kind}.search_alg: extending works on grid stages (a sampler's stage grows with "
+                              "a new sweep)")
+        a, b = _effective(kind, was.base), _effective(kind, now.base)
+        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if changed:
+            k = changed[0]
+            raise ConfigError(f"{kind}.{k}: {a.get(k)!r} in the sweep, {b.get(k)!r} in {file}; extending cannot "
+                              f"change how existing trials train (start a new sweep)"
+                              + (f"; also {', '.join(changed[1:])}" if len(changed) > 1 else ""))
+
+
+def union_raw(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The sweep file with each stage's grid lists the union of the two (the sweep's values first)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in old.items()}
+    for kind, keys in GRID_KEYS.items():
+        if kind not in new or kind not in out:
+            continue
+        stage = out[kind] = dict(out[kind])
+        for key in keys:
+            values = [*_as_list(stage.get(key)), *_as_list(new[kind].get(key))]
+            merged: list[Any] = []
+            for v in values:
+                if v not in merged:
+                    merged.append(v)
+            if merged:
+                stage[key] = merged
+    return out
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def plan(sweep: Any, old: SweepSpec, union: SweepSpec) -> list[dict[str, Any]]:
+    """The new trials an extension runs (what ``--dry-run`` prints): new search points, new eval points of
+    the genotypes known now, and a line for the cells new search trials may add."""
+    import json
+
+    state = sweep.read_state()
+    recorded = state if "points" in state else {"points": _current_points(sweep, old)}
+    rows: list[dict[str, Any]] = []
+    new_search = missing_points(recorded, union.search, None) if union.search else []
+    rows += [{"stage": "search", **p, "epochs": union.search.epochs} for p in new_search]
+    if union.eval is not None:
+        from sweeps.driver import GENOTYPE_DIR, eval_genotypes
+
+        folder = Path(sweep.location, GENOTYPE_DIR)
+        searched = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json") if p.name != "index.json"}
+        genotypes = eval_genotypes(union, searched)
+        rows += [{"stage": "eval", **p, "epochs": union.eval.epochs} for p in missing_points(recorded, union.eval,
+                                                                                              genotypes)]
+        if new_search and SEARCHED in union.eval.axes["genotypes"]:
+            rows.append({"stage": "eval", "genotype": f"<cells of the {len(new_search)} new search trial(s)>",
+                         "layers": union.eval.axes["layers"], "F": union.eval.axes["F"],
+                         "seed": union.eval.axes["seeds"], "epochs": union.eval.epochs})
+    return rows
+
+
+def _current_points(sweep: Any, spec: SweepSpec) -> dict[str, list[dict[str, Any]]]:
+    """Each finished stage's points, read from its experiment; refused while a stage is unfinished."""
+    stages = sweep.read_state().get("stages", {})
+    out = {}
+    for kind in ("search", "eval"):
+        if getattr(spec, kind) is None:
+            continue
+        status = stages.get(kind)
+        if status == "skipped_no_genotypes":
+            out[kind] = []
+        elif status not in ("done", "done_with_errors"):
+            raise ConfigError(f"{kind}: the stage is {status or 'not started'}; finish the sweep first "
+                              f"(`dartsweep sweep resume {sweep.location}`), then extend it")
+        else:
+            out[kind] = experiment_points(sweep, kind)
+    return out
+
+
+def prepare_extension(sweep: Any, file: str | Path) -> tuple[SweepSpec, SweepSpec]:
+    """(the sweep's spec, the extended spec) after every check; nothing written."""
+    from sweeps.spec import load_sweep
+
+    old = sweep.load_spec()
+    new = load_sweep(file)
+    check_extension(old, new, str(file))
+    union = parse_sweep(union_raw(old.raw, new.raw), Path.cwd())
+    return old, union
+
+
+def apply_extension(sweep: Any, old: SweepSpec, union: SweepSpec) -> None:
+    """Record the existing experiments' points (first extension only), then freeze the extended file."""
+    import yaml
+
+    from sweeps.driver import SWEEP_FILE
+
+    state = sweep.read_state()
+    if "points" not in state:
+        state["points"] = _current_points(sweep, old)
+    state.setdefault("extensions", 0)
+    state["extensions"] += 1
+    sweep.write_json(state, "state.json")
+    sweep.write_text(yaml.safe_dump({**union.raw, "storage": old.raw.get("storage")}, sort_keys=False), SWEEP_FILE)
