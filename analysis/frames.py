@@ -17,6 +17,8 @@ epochs_done         last epoch reported; ``epochs_total``: epochs configured
 final_acc           search: valid_acc at the last epoch; eval: test_acc at the last epoch (percent)
 best_acc            the best of the same over all epochs
 params_m, gmac      eval: parameters (M, auxiliary head excluded) and GMACs of the trained network
+latency_ms          eval: median forward latency at batch 1 on the trial's device (``nas.latency``)
+throughput_img_s    eval: forward images/s at the training batch size; ``device``: where measured
 wall_time_s         seconds of training reported (sum of epoch times)
 error               first line of the error (error.txt, or the divergence message)
 trial_dir           the trial's folder
@@ -41,8 +43,8 @@ from nas.errors import ConfigError
 from sweeps.spec import ratio_of, stage_epochs
 
 TRIAL_COLUMNS = ["stage", "trial_id", "status", "ray_status", "op_set", "F", "genotype_id", "cell", "layers", "seed",
-                 "epochs_done", "epochs_total", "final_acc", "best_acc", "params_m", "gmac", "wall_time_s", "error",
-                 "trial_dir"]
+                 "epochs_done", "epochs_total", "final_acc", "best_acc", "params_m", "gmac", "latency_ms",
+                 "throughput_img_s", "device", "wall_time_s", "error", "trial_dir"]
 
 
 def cell_label(genotype_id: Any, op_set: Any) -> Any:
@@ -227,7 +229,9 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str], table: dict[str
             "seed": _num(last.get("seed", params.get("seed"))), "epochs_done": epochs_done,
             "epochs_total": epochs_total, "final_acc": accs[-1] if accs else math.nan,
             "best_acc": max(accs) if accs else math.nan, "params_m": _num(last.get("params_m")),
-            "gmac": _num(last.get("gmac")), "wall_time_s": sum(r.get("epoch_time_s", 0.0) or 0.0 for r in results),
+            "gmac": _num(last.get("gmac")), "latency_ms": _num(last.get("latency_ms")),
+            "throughput_img_s": _num(last.get("throughput_img_s")), "device": last.get("device", ""),
+            "wall_time_s": sum(r.get("epoch_time_s", 0.0) or 0.0 for r in results),
             "error": error, "trial_dir": str(trial_dir),
         })
         for r in results:
@@ -243,7 +247,8 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str], table: dict[str
             "cell": cell_label(config.get("genotype"), config.get("op_set")), "layers": _num(config.get("layers")),
             "seed": _num(config.get("seed")), "epochs_done": 0,
             "epochs_total": epochs_total, "final_acc": math.nan, "best_acc": math.nan, "params_m": math.nan,
-            "gmac": math.nan, "wall_time_s": 0.0, "error": "", "trial_dir": "",
+            "gmac": math.nan, "latency_ms": math.nan, "throughput_img_s": math.nan, "device": "",
+            "wall_time_s": 0.0, "error": "", "trial_dir": "",
         })
     return trials, history
 

@@ -109,12 +109,34 @@ def accuracy_vs_cost(trials: pd.DataFrame, out: Path, cost: str = "gmac") -> lis
         ax.legend(fontsize=8)
         place_labels(ax, done[cost].to_numpy(), done.final_acc.to_numpy(),
                      [f"{int(n)}" for n in done.layers])
-    unit = "GMAC (multiply-accumulates x 1e9 per image)" if cost == "gmac" else "parameters (millions)"
+    unit, title, stem = COSTS[cost]
     ax.set_xlabel(unit)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Accuracy vs {'GMAC' if cost == 'gmac' else 'parameters'} (labels: layers)")
+    ax.set_title(f"Accuracy vs {title} (labels: layers)")
     ax.grid(alpha=0.3)
-    return _save(fig, out, f"accuracy_vs_{'gmac' if cost == 'gmac' else 'params'}")
+    return _save(fig, out, f"accuracy_vs_{stem}")
+
+
+# cost column -> (axis label, title, file stem)
+COSTS = {"gmac": ("GMAC (multiply-accumulates x 1e9 per image)", "GMAC", "gmac"),
+         "params_m": ("parameters (millions)", "parameters", "params"),
+         "latency_ms": ("latency at batch 1 (ms, measured on each trial's device)", "latency", "latency")}
+
+
+def latency_vs_gmac(trials: pd.DataFrame, out: Path) -> list[Path]:
+    """Measured latency against GMACs for every eval trial that measured it: how far the two disagree."""
+    done = trials[trials.stage == "eval"].dropna(subset=["latency_ms", "gmac"])
+    if done.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for key, group in done.groupby("cell"):
+        ax.scatter(group.gmac, group.latency_ms, label=str(key), s=22)
+    ax.set_xlabel("GMAC per image")
+    ax.set_ylabel("latency at batch 1 (ms)")
+    ax.set_title("Latency vs GMAC (each trial on its own device)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out, "latency_vs_gmac")
 
 
 def read_search_history(trial_dir: str | Path) -> list[dict[str, Any]]:

@@ -41,11 +41,14 @@ def table1(trials: pd.DataFrame) -> pd.DataFrame:
     done = trials[(trials.stage == "eval") & (trials.status == "finished")]
     if done.empty:
         return pd.DataFrame(columns=list(TABLE1_COLUMNS.values()))
+    latency = "latency_ms" in done and done.latency_ms.notna().any()
+    extra = {"latency_ms": ("latency_ms", "median")} if latency else {}
     grouped = done.groupby(["cell", "layers"], as_index=False).agg(
-        final_acc=("final_acc", "mean"), params_m=("params_m", "mean"), gmac=("gmac", "mean"))
+        final_acc=("final_acc", "mean"), params_m=("params_m", "mean"), gmac=("gmac", "mean"), **extra)
     grouped = grouped.sort_values(["cell", "layers"], ascending=[True, False])
     grouped["layers"] = grouped.layers.astype(int)
-    return grouped[list(TABLE1_COLUMNS)].rename(columns=TABLE1_COLUMNS).reset_index(drop=True)
+    columns = {**TABLE1_COLUMNS, **({"latency_ms": "Latency (ms)"} if latency else {})}
+    return grouped[list(columns)].rename(columns=columns).reset_index(drop=True)
 
 
 def load_sweeps(sweep_dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -86,9 +89,11 @@ def analyze(sweep_dir: str | Path | list[str | Path], out: str | Path | None = N
     t1.to_csv(out / "table1.csv", index=False)
     write_text_atomic(out / "table1.md", markdown_table(t1))
     fronts, figures = {}, []
-    for cost in ("gmac", "params_m"):
+    has_latency = trials.latency_ms.notna().any()
+    for cost in ("gmac", "params_m") + (("latency_ms",) if has_latency else ()):
         front = pareto_set(trials, cost)
-        cols = ["sweep", "genotype_id", "cell", "layers", "seed", "final_acc", "params_m", "gmac", "trial_id"]
+        cols = ["sweep", "genotype_id", "cell", "layers", "seed", "final_acc", "params_m", "gmac", "latency_ms",
+                "trial_id"]
         front[cols].to_csv(out / f"pareto_{cost}.csv", index=False)
         write_text_atomic(out / f"pareto_{cost}.md", markdown_table(front[cols]))
         done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=[cost])
@@ -96,6 +101,7 @@ def analyze(sweep_dir: str | Path | list[str | Path], out: str | Path | None = N
         hv = hypervolume(done.final_acc.to_numpy(), done[cost].to_numpy(), ref) if len(done) else 0.0
         fronts[cost] = (front, ref, hv)
         figures += plots.accuracy_vs_cost(trials, out, cost)
+    figures += plots.latency_vs_gmac(trials, out)
     figures += plots.accuracy_vs_layers(trials, out)
     figures += plots.accuracy_vs_ratio(trials, out)
     search = trials[trials.stage == "search"]

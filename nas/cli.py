@@ -145,6 +145,35 @@ def cmd_complexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latency(args: argparse.Namespace) -> int:
+    from nas.eval_network import EvalNetwork
+    from nas.genotypes import load_genotype
+    from nas.latency import measure_latency
+    from nas.train import resolve_device
+
+    try:
+        batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch: a comma-separated list of batch sizes, got {args.batch!r}") from None
+    genotype = load_genotype(args.genotype)
+    from nas.complexity import _check_size
+
+    _check_size(args.layers, args.channels)
+    device = resolve_device(args.device)
+    model = EvalNetwork(genotype, args.channels, args.layers, 10, 3, auxiliary=False)
+    result = measure_latency(model, (3, 32, 32), device, batches, repeats=args.repeats)
+    if args.json:
+        print(json.dumps({"genotype": genotype.id, "layers": args.layers, "channels": args.channels, **result}))
+        return 0
+    print(f"{genotype.id} at {args.layers} layers (C={args.channels}) on {result['device']}"
+          f"{' bf16' if result['amp'] else ''}{' channels_last' if result['channels_last'] else ''}:")
+    for batch, r in result["batches"].items():
+        print(f"  batch {batch:>4}: {r['median_ms']:8.2f} ms median (min {r['min_ms']:.2f}, max {r['max_ms']:.2f}, "
+              f"IQR {r['iqr_ms']:.2f}; {r['repeats']} passes)")
+    print(f"  {result['throughput_img_s']:.1f} images/s at batch {max(result['batches'])}")
+    return 0
+
+
 def cmd_genotypes(args: argparse.Namespace) -> int:
     from nas.genotypes import GENOTYPES
     from nas.opsets import OP_SETS
@@ -231,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_positive_int, help="initial channels (default 36 eval, 16 search)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_complexity)
+
+    p = sub.add_parser("latency", help="measured forward latency of an evaluation network (eval mode)")
+    p.add_argument("--genotype", required=True, help="DARTS_V2 | PIBCONV | path.json")
+    p.add_argument("--layers", type=_positive_int, required=True)
+    p.add_argument("--channels", type=_positive_int, default=36)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    p.add_argument("--batch", default="1,256", help="batch sizes, comma-separated (default 1,256)")
+    p.add_argument("--repeats", type=_positive_int, default=20, help="timed passes per batch size (>= 20)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_latency)
 
     p = sub.add_parser("genotypes", help="list built-in genotypes and op-set presets")
     p.add_argument("--json", action="store_true")

@@ -135,6 +135,7 @@ class EvalConfig:
     amp: bool | None = None
     channels_last: bool = True
     max_steps_per_epoch: int | None = None
+    latency: bool = True  # sweeps: measure the network's forward latency on the trial's device and report it
 
     def __post_init__(self) -> None:
         _common_checks(self)

@@ -170,12 +170,31 @@ def eval_trainable(config: dict[str, Any], genotypes: Mapping[str, Any],
     cfg, fixed = eval_trial_config(flat_config(config), genotypes)
     images = _data(data, cfg.dataset, cfg.data_dir)
     fixed["train_images"] = len(images.train_y)
+    if cfg.latency:
+        fixed.update(_latency(cfg, images))
     state, history = _restore()
     try:
         run_eval(cfg, data=images, device=_device(), resume=state,
                  on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed, history))
     except DivergenceError as exc:
         _report_divergence(exc, state, history, fixed)
+
+
+def _latency(cfg: EvalConfig, data: ImageData) -> dict[str, Any]:
+    """The trained network's forward latency (batch 1) and throughput (the training batch size), measured
+    on the trial's device before training, in the precision and layout it trains in. It shares the device
+    with whatever else runs there (other trials of a packed GPU): a sweep's figures compare like with like
+    only under the same packing."""
+    from nas.eval_network import EvalNetwork
+    from nas.latency import measure_latency
+
+    device = torch.device(_device())
+    model = EvalNetwork(cfg.resolved_genotype(), cfg.channels, cfg.layers, data.num_classes, data.in_channels,
+                        auxiliary=False)
+    result = measure_latency(model, (data.in_channels, data.image_size, data.image_size), device,
+                             (1, cfg.batch_size), amp=cfg.amp, channels_last=cfg.channels_last)
+    return {"latency_ms": result["latency_ms"], "throughput_img_s": result["throughput_img_s"],
+            "device": result["device"]}
 
 
 def trial_dirname(trial: Any) -> str:

@@ -199,4 +199,7 @@ def test_analyze_merges_sweeps_keeping_each_sweeps_trials(mixed_sweep, tmp_path)
     assert len(t1) == 2 * len(one)  # kept apart, not averaged together
     assert set(t1.Genotype) == {f"{c} [{s}]" for c in one.Genotype for s in ("mixed", "again")}
     assert (out / "accuracy_vs_layers.png").is_file() and "mixed, again" in (out / "index.md").read_text()
+    # eval trials measured their networks' latency: a latency front, latency vs GMAC, a Table 1 column
+    assert (out / "accuracy_vs_latency.png").is_file() and (out / "latency_vs_gmac.png").is_file()
+    assert (out / "pareto_latency_ms.csv").is_file() and (t1["Latency (ms)"] > 0).all()
     assert main(["analyze", str(mixed_sweep), str(other)]) == 2  # several sweeps need --out

@@ -144,6 +144,9 @@ def _check_trials(sweep: Path) -> list[dict]:
     assert len(trials) == 3 and (trials.status == "finished").all(), trials[["trial_dir", "status", "error"]]
     last = [json.loads((Path(d) / "result.json").read_text().splitlines()[-1]) for d in trials.trial_dir]
     assert [r["train_images"] for r in last] == [200] * 3  # every trial got the whole fake training set
+    evals = trials[trials.stage == "eval"]  # each measured its network's latency where it ran
+    assert (evals.latency_ms > 0).all() and (evals.throughput_img_s > 0).all()
+    assert evals.device.str.startswith("cpu").all()
     return last
 
 
