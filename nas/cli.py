@@ -86,7 +86,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     config = SearchConfig(op_set=op_set, bottleneck_ratio=args.F, dataset=args.dataset, data_dir=args.data_dir,
                           epochs=args.epochs, batch_size=args.batch_size, channels=args.channels,
                           layers=args.layers, nodes=args.nodes, order=args.order, seed=args.seed,
-                          max_steps_per_epoch=args.max_steps_per_epoch)
+                          max_steps_per_epoch=args.max_steps_per_epoch, cost_metric=args.cost_metric,
+                          cost_weight=args.cost_weight)
     out = Path(args.out or f"runs/search-{config.resolved_op_set().id}-s{config.seed}")
     result = _run_phase("search", config, out, args.resume, args.device)
     print(json.dumps(result.genotype.to_dict()))
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_positive_int, default=16)
     p.add_argument("--layers", type=_positive_int, default=8)
     p.add_argument("--nodes", type=_positive_int, default=4)
+    p.add_argument("--cost-weight", type=float, default=0.0,
+                   help="lambda of the expected-cost term (cost-aware search; 0: plain DARTS)")
+    p.add_argument("--cost-metric", choices=("gmac", "params"), default="gmac", help="what the cost term counts")
     common(p, 50, 64)
     p.set_defaults(func=cmd_search)
 

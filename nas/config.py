@@ -90,10 +90,18 @@ class SearchConfig:
     channels_last: bool = True
     checkpoint_cells: bool = False  # per-cell activation checkpointing: far less memory, ~30 % more compute
     max_steps_per_epoch: int | None = None  # cap for smoke runs
+    cost_metric: str = "gmac"  # cost-aware search (nas.cost): gmac | params
+    cost_weight: float = 0.0  # lambda of the expected-cost term; 0: plain DARTS
 
     def __post_init__(self) -> None:
         _common_checks(self)
         _positive("nodes", self.nodes, integer=True)
+        _positive("cost_weight", self.cost_weight, allow_zero=True)
+        if self.cost_metric == "latency":
+            raise ConfigError("cost_metric: latency needs a per-op latency table, which dartsweep does not build "
+                              "yet; use gmac or params")
+        if self.cost_metric not in ("gmac", "params"):
+            raise ConfigError(f"cost_metric: must be one of gmac, params, got {self.cost_metric!r}")
         _positive("arch_lr", self.arch_lr)
         _positive("arch_weight_decay", self.arch_weight_decay, allow_zero=True)
         if self.order not in (1, 2):

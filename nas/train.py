@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from nas import architect
 from nas.config import EvalConfig, SearchConfig
+from nas.cost import CostTerm, cost_term
 from nas.data import ImageData, batch_indices, load_dataset, make_batch
 from nas.errors import ConfigError, DivergenceError
 from nas.eval_network import EvalNetwork
@@ -193,16 +194,20 @@ def search_split(n: int, train_portion: float) -> tuple[torch.Tensor, torch.Tens
 def search_step(model: SearchNetwork, optimizer: torch.optim.Optimizer, arch_optimizer: torch.optim.Optimizer,
                 train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Tensor, torch.Tensor], lr: float, *,
                 order: int, momentum: float, weight_decay: float, grad_clip: float,
-                autocast: Callable[[], contextlib.AbstractContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
+                autocast: Callable[[], contextlib.AbstractContextManager],
+                cost: CostTerm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One DARTS step, as ``run_search`` and ``dartsweep bench search`` run it: the architecture step on
-    (train, valid), first order or second order (unrolled at the weight learning rate ``lr``), then the
-    weight step on ``train``. Returns the weight step's (loss, logits)."""
+    (train, valid), first order or second order (unrolled at the weight learning rate ``lr``), plus the
+    expected-cost term's gradient when ``cost`` is given (``nas.cost``), then the weight step on
+    ``train``. Returns the weight step's (loss, logits)."""
     arch_optimizer.zero_grad(set_to_none=True)
     if order == 2:
         grads = architect.second_order_alpha_grads(model, train, valid, lr, momentum, weight_decay,
                                                    architect.momentum_buffers(optimizer, model), autocast)
     else:
         grads = architect.first_order_alpha_grads(model, valid, autocast)
+    if cost is not None:
+        grads = cost.add_gradients(model.arch_parameters(), list(grads))
     for a, g in zip(model.arch_parameters(), grads):
         a.grad = g
     arch_optimizer.step()
@@ -238,6 +243,8 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
     autocast = autocast_factory(config.amp, dev)
     fmt = _memory_format(config.channels_last)
     w_idx, a_idx = (t.to(dev) for t in search_split(len(data.train_y), config.train_portion))
+    cost = cost_term(model, config.cost_metric, config.cost_weight,
+                     (data.in_channels, data.image_size, data.image_size))
     x_w, y_w, x_a, y_a = data.train_x[w_idx], data.train_y[w_idx], data.train_x[a_idx], data.train_y[a_idx]
 
     def make_checkpoint() -> dict[str, Any]:
@@ -261,7 +268,7 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
             valid = (make_batch(data, x_a[ba], augment=True, generator=gen, memory_format=fmt), y_a[ba])
             loss, logits = search_step(model, optimizer, arch_optimizer, train, valid, lr, order=config.order,
                                        momentum=config.momentum, weight_decay=config.weight_decay,
-                                       grad_clip=config.grad_clip, autocast=autocast)
+                                       grad_clip=config.grad_clip, autocast=autocast, cost=cost)
             totals.add(loss, logits, train[1], epoch, step, last=step + 1 == steps)
             if on_step is not None:
                 on_step(step + 1, steps)
@@ -277,6 +284,8 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
         metrics = {
             "epoch": state.epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc, "valid_loss": valid_loss, "valid_acc": valid_acc,
             "alpha_entropy_normal": alpha_entropy(w_normal), "alpha_entropy_reduce": alpha_entropy(w_reduce),
+            **({"expected_cost": float(cost.expected(model.alpha_normal.detach(), model.alpha_reduce.detach()))}
+               if cost is not None else {}),
             "genotype": model.genotype().to_dict(), "alpha_normal": w_normal.tolist(),
             "alpha_reduce": w_reduce.tolist(), "primitives": list(model.op_set.primitives),
             "epoch_time_s": elapsed, "images_per_s": totals.seen / elapsed if elapsed > 0 else 0.0,
