@@ -9,6 +9,7 @@ status              ``finished`` | ``errored`` | ``diverged`` | ``unfinished`` (
 ray_status          Ray Tune's own status (TERMINATED, ERROR, RUNNING, PENDING; '' when unknown)
 op_set              op set id (``pibconv``, ``pibconv-F2.5``, ``custom-...``)
 F                   bottleneck ratio (NaN when the ops do not use one)
+cost_weight         lambda of a cost-aware search (search trials, and eval trials of their cells); else NaN
 genotype_id         eval: the trained genotype's id; search: the derived genotype's id at the last epoch
 cell                the genotype's name for tables and plots: a named genotype's id (``PIBCONV``), an
                     unnamed one's hash followed by its op set (``g-ae04bd0a (pibconv-F3)``)
@@ -42,16 +43,20 @@ import pandas as pd
 from nas.errors import ConfigError
 from sweeps.spec import ratio_of, stage_epochs
 
-TRIAL_COLUMNS = ["stage", "trial_id", "status", "ray_status", "op_set", "F", "genotype_id", "cell", "layers", "seed",
+TRIAL_COLUMNS = ["stage", "trial_id", "status", "ray_status", "op_set", "F", "genotype_id", "cell", "cost_weight",
+                 "layers", "seed",
                  "epochs_done", "epochs_total", "final_acc", "best_acc", "params_m", "gmac", "latency_ms",
                  "throughput_img_s", "device", "wall_time_s", "error", "trial_dir"]
 
 
-def cell_label(genotype_id: Any, op_set: Any) -> Any:
+def cell_label(genotype_id: Any, op_set: Any, cost_weight: Any = None) -> Any:
     """How tables and plots name a genotype: searched cells are hashes (``g-ae04bd0a``), which say nothing
-    on their own, so they carry the op set they were searched with (for an F sweep, the F)."""
+    on their own, so they carry the op set they were searched with (for an F sweep, the F) and, from a
+    cost-aware search, its lambda (``g-ae04bd0a (pibconv, lambda 0.5)``)."""
     if isinstance(genotype_id, str) and genotype_id.startswith("g-") and isinstance(op_set, str) and op_set:
-        return f"{genotype_id} ({op_set})"
+        lam = f", lambda {cost_weight:g}" if isinstance(cost_weight, (int, float)) and cost_weight == cost_weight \
+            else ""
+        return f"{genotype_id} ({op_set}{lam})"
     return genotype_id
 
 
@@ -168,7 +173,7 @@ def _rename_first_release(trials: list[dict], history: list[dict], table: dict[s
         if row.get("stage") == "eval" and isinstance(row.get("genotype_id"), str):
             row["genotype_id"] = genotype_ids.get(row["genotype_id"], row["genotype_id"])
         if "cell" in row:
-            row["cell"] = cell_label(row["genotype_id"], row["op_set"])
+            row["cell"] = cell_label(row["genotype_id"], row["op_set"], row.get("cost_weight"))
 
 
 def _ratio(reported: Any, genotype_id: Any, table: dict[str, Any]) -> float:
@@ -224,7 +229,8 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str], table: dict[str
         trials.append({
             "stage": stage, "trial_id": trial_id, "status": status, "ray_status": ray_status,
             "op_set": op_set, "F": _ratio(last.get("F", params.get("F")), params.get("genotype"), table),
-            "genotype_id": genotype, "cell": cell_label(genotype, op_set),
+            "genotype_id": genotype, "cell": cell_label(genotype, op_set, last.get("cost_weight")),
+            "cost_weight": _num(last.get("cost_weight", params.get("cost_weight"))),
             "layers": _num(last.get("layers", params.get("layers"))),
             "seed": _num(last.get("seed", params.get("seed"))), "epochs_done": epochs_done,
             "epochs_total": epochs_total, "final_acc": accs[-1] if accs else math.nan,
@@ -244,7 +250,8 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str], table: dict[str
             "stage": stage, "trial_id": trial_id, "status": "unfinished", "ray_status": ray_status,
             "op_set": config.get("op_set"), "F": _ratio(config.get("F"), config.get("genotype"), table),
             "genotype_id": config.get("genotype"),
-            "cell": cell_label(config.get("genotype"), config.get("op_set")), "layers": _num(config.get("layers")),
+            "cell": cell_label(config.get("genotype"), config.get("op_set")),
+            "cost_weight": _num(config.get("cost_weight")), "layers": _num(config.get("layers")),
             "seed": _num(config.get("seed")), "epochs_done": 0,
             "epochs_total": epochs_total, "final_acc": math.nan, "best_acc": math.nan, "params_m": math.nan,
             "gmac": math.nan, "latency_ms": math.nan, "throughput_img_s": math.nan, "device": "",

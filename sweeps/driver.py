@@ -281,7 +281,10 @@ def _param_space(stage: Stage, genotypes: dict[str, Any] | None = None,
 
     common = {"base": stage.base, "checkpoint_every": stage.checkpoint_every, "seed": axis(stage.axes["seeds"])}
     if stage.kind == "search":
-        return {**common, "op_set": axis(list(stage.axes["op_sets"])), "F": axis(stage.axes["F"])}
+        space = {**common, "op_set": axis(list(stage.axes["op_sets"])), "F": axis(stage.axes["F"])}
+        if stage.axes.get("cost_weight") is not None:  # lambda, a sweep axis like F
+            space["cost_weight"] = axis(stage.axes["cost_weight"])
+        return space
     assert genotypes is not None
     # ids only (op set, genotype): their tables go to the trainable through Ray's object store
     # (``_trainable``), not into every trial's config, params.json and every line of its result.json.
@@ -443,7 +446,8 @@ def collect_genotypes(sweep: SweepDir, spec: SweepSpec) -> dict[str, Any]:
         g = Genotype.from_dict(last["genotype"], first_release)  # the first release's reports lack form keys
         entry = {"genotype": g.to_dict(), "op_set": op_set_ids.get(last.get("op_set"), last.get("op_set")),
                  "F": last.get("F"), "seed": last.get("seed"), "valid_acc": last.get("valid_acc"),
-                 "source_trial": trial.trial_id}
+                 "source_trial": trial.trial_id,
+                 **({"cost_weight": last["cost_weight"]} if last.get("cost_weight") is not None else {})}
         key = table_key(g, first_release)
         if key not in found:
             found[key] = entry

@@ -20,8 +20,8 @@ from nas.config import EvalConfig, SearchConfig
 from nas.errors import ConfigError
 from sweeps.spec import SEARCHED, Stage, SweepSpec, eval_trials, parse_sweep, search_trials
 
-GRID_KEYS = {"search": ("op_sets", "F", "seeds"), "eval": ("genotypes", "layers", "F", "seeds")}
-POINT_KEYS = {"search": ("op_set", "F", "seed"), "eval": ("genotype", "layers", "F", "seed")}
+GRID_KEYS = {"search": ("op_sets", "F", "seeds", "cost_weight"), "eval": ("genotypes", "layers", "F", "seeds")}
+POINT_KEYS = {"search": ("op_set", "F", "seed", "cost_weight"), "eval": ("genotype", "layers", "F", "seed")}
 
 
 def _key(point: dict[str, Any]) -> tuple:
@@ -62,7 +62,10 @@ def experiment_points(sweep: Any, part: str) -> list[dict[str, Any]]:
     points = []
     for trial in tune.ExperimentAnalysis(sweep.join(part)).trials:
         config = {**trial.config, **trial.config.get("point", {})}
-        points.append({k: config.get(k) for k in POINT_KEYS[kind]})
+        point = {k: config.get(k) for k in POINT_KEYS[kind]}
+        if point.get("cost_weight", 0) is None:  # a stage without a lambda axis: its points have no such key
+            del point["cost_weight"]
+        points.append(point)
     return points
 
 

@@ -32,7 +32,7 @@ SWEEP_FORMAT = 2
 # (default), or each trial reads data_dir itself, which must then be a folder every node sees
 DATA_TRANSFERS = ("object_store", "shared_path")
 STAGE_KEYS = {"seeds", "checkpoint_every", "resources", "search_alg", "scheduler"}
-SEARCH_GRID_KEYS = {"op_sets", "F"}
+SEARCH_GRID_KEYS = {"op_sets", "F", "cost_weight"}  # cost_weight: lambda of cost-aware search
 EVAL_GRID_KEYS = {"genotypes", "layers", "F"}
 SEARCH_ALGS = ("grid", "random", "optuna")
 SEARCHED = "searched"
@@ -257,6 +257,12 @@ def _search_stage(raw: Any, dataset: str, data_dir: str, first_release: bool = F
     if isinstance(F, dict) and alg.type == "grid":
         raise _fail(f"{where}.F", "a {min, max} range needs search_alg random or optuna; give a list for a grid")
     _check_ratios(F, f"{where}.F")
+    weights = _grid(raw, "cost_weight", where)
+    if isinstance(weights, dict) and alg.type == "grid":
+        raise _fail(f"{where}.cost_weight", "a {min, max} range needs search_alg random or optuna; give a list")
+    for w in (weights if isinstance(weights, list) else [weights["min"], weights["max"]] if weights else []):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+            raise _fail(f"{where}.cost_weight", f"each lambda must be a number >= 0, got {w!r}")
     op_sets: dict[str, dict] = {}
     for i, spec in enumerate(op_specs):
         try:
@@ -271,7 +277,8 @@ def _search_stage(raw: Any, dataset: str, data_dir: str, first_release: bool = F
     for seed in seeds:  # every trial's config is built once here, so bad values fail now
         for mapping in op_sets.values():
             config_from_mapping(SearchConfig, {**base_full, "op_set": mapping, "seed": seed}, where)
-    axes = {"op_sets": op_sets, "F": F if isinstance(F, dict) else None, "seeds": seeds}
+    axes = {"op_sets": op_sets, "F": F if isinstance(F, dict) else None, "seeds": seeds,
+            "cost_weight": [float(w) for w in weights] if isinstance(weights, list) else weights}
     return Stage("search", axes, base_full, _resources(raw.get("resources"), f"{where}.resources"),
                  _positive_int(raw.get("checkpoint_every", 1), f"{where}.checkpoint_every"), alg,
                  _scheduler(raw.get("scheduler"), f"{where}.scheduler", "valid_acc"), first_release)
@@ -420,9 +427,13 @@ def load_sweep(file_or_name: str | Path) -> SweepSpec:
 # ------------------------------------------------------------------------------------------- trial tables
 
 def search_trials(stage: Stage) -> list[dict[str, Any]]:
-    """The grid's search trials (op set id, F, seed); random/optuna stages list their space instead."""
-    return [{"op_set": op_id, "F": OpSet.from_dict(m).used_bottleneck_ratio, "seed": seed}
-            for op_id, m in stage.axes["op_sets"].items() for seed in stage.axes["seeds"]]
+    """The grid's search trials (op set id, F, seed, and the cost weight lambda where the stage sweeps it);
+    random/optuna stages list their space instead."""
+    weights = stage.axes.get("cost_weight")
+    lambdas = weights if isinstance(weights, list) else [None]
+    return [{"op_set": op_id, "F": OpSet.from_dict(m).used_bottleneck_ratio, "seed": seed,
+             **({"cost_weight": w} if w is not None else {})}
+            for op_id, m in stage.axes["op_sets"].items() for w in lambdas for seed in stage.axes["seeds"]]
 
 
 def fold_ratios(stage: Stage, genotypes: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -132,11 +132,12 @@ def search_trainable(config: dict[str, Any], op_sets: Mapping[str, Any],
     op_set = dict(op_sets[config["op_set"]])
     if config.get("F") is not None:
         op_set["bottleneck_ratio"] = float(config["F"])
-    cfg = SearchConfig(**{**config["base"], "op_set": op_set, "seed": int(config["seed"])})
+    lam = {"cost_weight": float(config["cost_weight"])} if config.get("cost_weight") is not None else {}
+    cfg = SearchConfig(**{**config["base"], "op_set": op_set, "seed": int(config["seed"]), **lam})
     resolved = cfg.resolved_op_set()
     images = _data(data, cfg.dataset, cfg.data_dir)
     fixed = {"stage": "search", "op_set": resolved.id, "seed": cfg.seed,
-             "F": resolved.used_bottleneck_ratio, "train_images": len(images.train_y)}
+             "F": resolved.used_bottleneck_ratio, "train_images": len(images.train_y), **lam}
     state, history = _restore()
     try:
         run_search(cfg, data=images, device=_device(), resume=state,
@@ -156,6 +157,7 @@ def eval_trial_config(config: dict[str, Any], genotypes: Mapping[str, Any]) -> t
     in_ch, size, classes = DATASET_SHAPES[cfg.dataset]
     cost = complexity(genotype, cfg.layers, cfg.channels, classes, in_ch, size)
     fixed = {"stage": "eval", "genotype_id": genotype.id, "op_set": entry.get("op_set") or op_set_id_for(genotype),
+             **({"cost_weight": entry["cost_weight"]} if entry.get("cost_weight") is not None else {}),
              "F": genotype.used_bottleneck_ratio, "layers": cfg.layers, "seed": cfg.seed,
              "params_m": cost.params_m, "gmac": cost.gmac, "source_trial": entry.get("source_trial")}
     return cfg, fixed
@@ -202,7 +204,8 @@ def trial_dirname(trial: Any) -> str:
     c = flat_config(trial.config)
     if "op_set" in c:
         f = f"_F{c['F']:g}" if c.get("F") is not None else ""
-        return f"search_{c['op_set']}{f}_s{c['seed']}_{trial.trial_id}"
+        lam = f"_lam{c['cost_weight']:g}" if c.get("cost_weight") is not None else ""
+        return f"search_{c['op_set']}{f}{lam}_s{c['seed']}_{trial.trial_id}"
     f = f"_F{float(c['F']):.3g}" if c.get("F") is not None else ""  # a folded grid's genotype id says its F
     return f"eval_{c['genotype']}_L{c['layers']}{f}_s{c['seed']}_{trial.trial_id}"
 

@@ -1,6 +1,8 @@
 """Cost-aware search: the expected-cost term's tables, its gradient, lambda = 0 as plain DARTS, and cells
 that get cheaper as lambda grows (digits, fixed seed)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -68,3 +70,35 @@ def test_raising_lambda_gives_cheaper_cells(digits):
     gmacs = [complexity(runs[w].genotype, 3, 8, 10, 1, 8).gmac for w in (0.0, 1.0, 10.0)]
     assert gmacs[0] >= gmacs[1] >= gmacs[2] and gmacs[2] < gmacs[0], gmacs
     assert runs[10.0].history[-1]["expected_cost"] < runs[1.0].history[-1]["expected_cost"] < 1.0
+
+
+def test_cost_aware_sweep_file_sweeps_lambda():
+    from sweeps.driver import plan_summary, trial_table
+    from sweeps.spec import load_sweep
+
+    spec = load_sweep("cost_aware")
+    rows = [r for r in trial_table(spec) if r["stage"] == "search"]
+    assert [r["cost_weight"] for r in rows] == [0.0, 0.1, 0.5, 2.0]
+    assert plan_summary(spec, trial_table(spec)).startswith("4 search trial(s)")
+
+
+@pytest.mark.slow
+def test_lambda_axis_in_a_sweep(tmp_path):
+    ray = pytest.importorskip("ray")
+    from analysis.frames import load_frames
+    from sweeps.driver import run_sweep
+    from sweeps.spec import parse_sweep
+    from tests.ray_helpers import sweep_file
+
+    if ray.is_initialized():
+        ray.shutdown()
+    raw = sweep_file(tmp_path, "lam", search={"op_sets": ["pibconv"], "cost_weight": [0.0, 10.0], "epochs": 2,
+                                              "arch_lr": 0.03},
+                     evaluation={"genotypes": ["searched"], "layers": [1], "epochs": 1})
+    path = run_sweep(parse_sweep(raw), storage=str(tmp_path), verbose=0)
+    trials, _ = load_frames(path)
+    search = trials[trials.stage == "search"].sort_values("cost_weight")
+    assert list(search.cost_weight) == [0.0, 10.0] and (trials.status == "finished").all()
+    assert all(Path(d).name.startswith(("search_pibconv_lam0_", "search_pibconv_lam10_")) for d in search.trial_dir)
+    evals = trials[trials.stage == "eval"]
+    assert set(evals.cost_weight) <= {0.0, 10.0} and evals.cell.str.contains("lambda").all()
