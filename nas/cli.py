@@ -175,6 +175,56 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_lut(path: str) -> dict[str, Any]:
+    try:
+        lut = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--lut {path}: not a readable LUT file ({type(exc).__name__}); build one with "
+                          "`dartsweep lut build`") from None
+    if not isinstance(lut, dict) or not {"ops", "op_set_spec", "skeleton_ms"} <= set(lut):
+        raise ConfigError(f"--lut {path}: not a LUT file (no ops, op_set_spec, skeleton_ms)")
+    return lut
+
+
+def cmd_lut(args: argparse.Namespace) -> int:
+    from nas import lut as lut_lib
+
+    def progress(msg: str) -> None:
+        print(f"lut: {msg}", file=sys.stderr, flush=True)
+
+    if args.lut_command == "build":
+        from nas.complexity import _check_size
+        from nas.io import write_json_atomic
+        from nas.opsets import resolve_op_set
+        from nas.train import resolve_device
+
+        _check_size(args.layers, args.channels)
+        op_set = resolve_op_set(args.op_set, args.F)
+        table = lut_lib.build_lut(op_set, args.channels, args.layers, resolve_device(args.device), args.batch,
+                                  progress=progress)
+        table = lut_lib.calibrate(table, progress=progress)
+        write_json_atomic(Path(args.out), table)
+        print(f"{len(table['ops'])} op timings, the skeleton ({table['skeleton_ms']:.2f} ms) and scale "
+              f"{table['scale']:.3f} for {op_set.id} at "
+              f"C={args.channels}, {args.layers} layers on {table['device']}, batch {args.batch}: {args.out}")
+        return 0
+    table = _read_lut(args.lut)
+    if args.lut_command == "predict":
+        from nas.genotypes import load_genotype
+
+        genotype = load_genotype(args.genotype)
+        lut_lib.check_compatible(table, genotype, args.channels, args.layers, args.device)
+        print(json.dumps({"genotype": genotype.id, "predicted_ms": lut_lib.predict(table, genotype)}) if args.json
+              else f"{genotype.id}: {lut_lib.predict(table, genotype):.2f} ms predicted ({table['device']}, "
+                   f"batch {table['batch']})")
+        return 0
+    result = lut_lib.check(table, args.genotypes, args.seed, progress=progress)
+    print(json.dumps(result) if args.json else
+          f"{result['count']} random {table['op_set']} genotypes: Spearman {result['spearman']:.3f}, median "
+          f"absolute error {100 * result['median_abs_error']:.1f} %")
+    return 0
+
+
 def cmd_genotypes(args: argparse.Namespace) -> int:
     from nas.genotypes import GENOTYPES
     from nas.opsets import OP_SETS
@@ -274,6 +324,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=20, help="timed passes per batch size (>= 20)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_latency)
+
+    lut = sub.add_parser("lut", help="per-op latency lookup table: build, predict, check").add_subparsers(
+        dest="lut_command", required=True, metavar="ACTION")
+    p = lut.add_parser("build", help="time every op of an op set at every position of a network")
+    p.add_argument("--op-set", default="pibconv")
+    p.add_argument("--F", type=float, help="bottleneck ratio F (overrides the op set's)")
+    p.add_argument("--channels", type=_positive_int, default=36)
+    p.add_argument("--layers", type=_positive_int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--out", default="lut.json")
+    p.set_defaults(func=cmd_lut)
+    p = lut.add_parser("predict", help="a genotype's latency from a LUT")
+    p.add_argument("--lut", required=True)
+    p.add_argument("--genotype", required=True)
+    p.add_argument("--channels", type=_positive_int, help="refuse a LUT built for other channels")
+    p.add_argument("--layers", type=_positive_int, help="refuse a LUT built for other layers")
+    p.add_argument("--device", help="refuse a LUT built on another device type (cpu | cuda)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lut)
+    p = lut.add_parser("check", help="predicted vs measured latency of random genotypes (Spearman, error)")
+    p.add_argument("--lut", required=True)
+    p.add_argument("--genotypes", type=_positive_int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lut)
 
     p = sub.add_parser("genotypes", help="list built-in genotypes and op-set presets")
     p.add_argument("--json", action="store_true")

@@ -35,3 +35,42 @@ def test_latency_cli():
     bad = subprocess.run([sys.executable, "-m", "nas.cli", "latency", "--genotype", "PIBCONV", "--layers", "2",
                           "--batch", "one"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--batch" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_lut_build_predict_check_and_mismatches(tmp_path):
+    from dataclasses import replace
+
+    from nas import lut as lut_lib
+    from nas.genotypes import PIBCONV
+    from nas.opsets import OP_SETS
+
+    op_set = OP_SETS["pibconv"]
+    table = lut_lib.build_lut(op_set, 4, 2, "cpu", image_size=8)
+    # every op at every position: at 2 layers both cells reduce (C 8 at 8x8, then C 16 at 4x4), each with
+    # stride-2 edges on its input and stride-1 edges at half the size
+    assert {k.split("|", 1)[1] for k in table["ops"]} == {"8|2|8", "8|1|4", "16|2|4", "16|1|2"}
+    assert len(table["ops"]) == 4 * len(op_set.primitives) and table["skeleton_ms"] > 0
+    assert lut_lib.predict(table, lut_lib.skeleton(op_set)) == table["skeleton_ms"]  # nothing but the skeleton
+    heavy = replace(PIBCONV, normal=tuple(("pib_conv_7x7", s) for _, s in PIBCONV.normal),
+                    reduce=tuple(("pib_conv_7x7", s) for _, s in PIBCONV.reduce), name=None)
+    light = replace(heavy, normal=tuple(("skip_connect", s) for _, s in heavy.normal),
+                    reduce=tuple(("max_pool_3x3", s) for _, s in heavy.reduce))
+    assert lut_lib.predict(table, heavy) > lut_lib.predict(table, light)
+    table = lut_lib.calibrate(table, count=2)
+    assert table["scale"] > 0
+    result = lut_lib.check(table, count=3, seed=5)
+    assert result["count"] == 3 and -1 <= result["spearman"] <= 1 and result["median_abs_error"] >= 0
+    with pytest.raises(ConfigError, match="lacks sep_conv_3x3"):
+        lut_lib.predict(table, DARTS_V2)
+    with pytest.raises(ConfigError, match="options"):
+        lut_lib.predict(table, replace(PIBCONV, options=replace(PIBCONV.options, bottleneck_ratio=3.0)))
+    with pytest.raises(ConfigError, match="built for channels 4, not 36"):
+        lut_lib.check_compatible(table, PIBCONV, channels=36)
+    path = tmp_path / "lut.json"
+    path.write_text(json.dumps(table))
+    out = subprocess.run([sys.executable, "-m", "nas.cli", "lut", "predict", "--lut", str(path), "--genotype",
+                          "PIBCONV", "--device", "cuda"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "built for device cpu, not cuda" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "nas.cli", "lut", "predict", "--lut", str(path), "--genotype",
+                          "PIBCONV", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["predicted_ms"] > table["skeleton_ms"]
