@@ -10,6 +10,7 @@ Nothing here touches a terminal, argparse or globals: the CLI and the Ray traina
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -426,7 +427,10 @@ def _check_resume(resume: dict[str, Any], phase: str, config: dict[str, Any]) ->
     if resume.get("phase") != phase:
         raise ConfigError(f"checkpoint is from the {resume.get('phase')!r} phase, not {phase!r}")
     saved = dict(resume.get("config", {}))
-    changed = sorted(k for k in config if k != "data_dir" and not _same_setting(k, saved.get(k), config[k]))
+    # a field added since the checkpoint was written (cost_weight, latency, ...) has its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig if phase == "search" else EvalConfig)}
+    changed = sorted(k for k in config if k != "data_dir"
+                     and not _same_setting(k, saved.get(k, defaults.get(k)), config[k]))
     if changed:
         raise ConfigError(f"checkpoint was written with a different config ({', '.join(changed)}); "
                           "resume with the same settings or start a new run")

@@ -289,3 +289,18 @@ def test_divergence_names_the_steps_it_happened_in(digits):
                      max_steps_per_epoch=7, grad_clip=1e30)
     with pytest.raises(DivergenceError, match=r"loss became nan at epoch 1 \(steps 1-7\)"):
         run_eval(cfg, data=digits)
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_new_setting(digits):
+    """A checkpoint written before a config field existed (cost_weight, latency) resumes when the run uses
+    that field's default, and is refused when it does not."""
+    from nas.train import _check_resume
+
+    config = SearchConfig(dataset="digits", epochs=1).to_dict()
+    old = {k: v for k, v in config.items() if k not in ("cost_metric", "cost_weight")}
+    _check_resume({"phase": "search", "config": old}, "search", config)
+    with pytest.raises(ConfigError, match="cost_weight"):
+        _check_resume({"phase": "search", "config": old}, "search", {**config, "cost_weight": 1.0})
+    eval_config = EvalConfig(dataset="digits", epochs=1).to_dict()
+    _check_resume({"phase": "eval", "config": {k: v for k, v in eval_config.items() if k != "latency"}}, "eval",
+                  eval_config)
