@@ -22,10 +22,13 @@ from sweeps.spec import SEARCHED, Stage, SweepSpec, eval_trials, parse_sweep, se
 
 GRID_KEYS = {"search": ("op_sets", "F", "seeds", "cost_weight"), "eval": ("genotypes", "layers", "F", "seeds")}
 POINT_KEYS = {"search": ("op_set", "F", "seed", "cost_weight"), "eval": ("genotype", "layers", "F", "seed")}
+# what identifies a grid point: a grid folds F into the op set id (pibconv-F3) or the genotype id (PIBCONV-F3),
+# so F is not part of it (a trial's config holds F None where the grid folded it)
+IDENTITY = {"search": ("op_set", "seed", "cost_weight"), "eval": ("genotype", "layers", "seed")}
 
 
-def _key(point: dict[str, Any]) -> tuple:
-    return tuple(sorted(point.items()))  # 2 == 2.0 and hash alike: F needs no normalising
+def _key(point: dict[str, Any], kind: str) -> tuple:
+    return tuple(point.get(k) for k in IDENTITY[kind])  # 2 == 2.0 and hash alike: numbers need no normalising
 
 
 def parts_of(state: dict[str, Any], kind: str) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -50,8 +53,8 @@ def stage_points(stage: Stage, genotypes: dict[str, Any] | None) -> list[dict[st
 
 
 def missing_points(state: dict[str, Any], stage: Stage, genotypes: dict[str, Any] | None) -> list[dict[str, Any]]:
-    held = {_key(p) for _, pts in parts_of(state, stage.kind) for p in pts}
-    return [p for p in stage_points(stage, genotypes) if _key(p) not in held]
+    held = {_key(p, stage.kind) for _, pts in parts_of(state, stage.kind) for p in pts}
+    return [p for p in stage_points(stage, genotypes) if _key(p, stage.kind) not in held]
 
 
 def experiment_points(sweep: Any, part: str) -> list[dict[str, Any]]:
