@@ -91,7 +91,8 @@ def _trial_state(trial_dir: Path, epochs: int, metric: str) -> tuple[str, int, f
     return ("finished" if done >= epochs else "running"), done, value
 
 
-def progress_line(stage_dir: Path, kind: str, expected: int, epochs: int, metric: str, elapsed: float) -> str:
+def progress_line(stage_dir: Path, kind: str, expected: int, epochs: int, metric: str, elapsed: float,
+                  label: str | None = None) -> str:
     """One line on a running stage: trials finished / running / errored, best metric so far, elapsed time
     and an estimate of what is left (from the epochs done so far)."""
     states = [_trial_state(p, epochs, metric) for p in sorted(stage_dir.glob(f"{kind}_*")) if p.is_dir()]
@@ -100,7 +101,7 @@ def progress_line(stage_dir: Path, kind: str, expected: int, epochs: int, metric
     done_epochs = sum(min(e, epochs) for _, e, _ in states) + epochs * count["errored"]
     total = max(expected, len(states)) * epochs
     left = elapsed / done_epochs * (total - done_epochs) if done_epochs else math.nan
-    text = (f"{kind}: {count['finished']}/{max(expected, len(states))} finished, {count['running']} running, "
+    text = (f"{label or kind}: {count['finished']}/{max(expected, len(states))} finished, {count['running']} running, "
             f"{count['errored']} errored")
     if count["waiting"]:
         text += f", {count['waiting']} waiting"
@@ -124,13 +125,14 @@ class ProgressView:
     def __init__(self, stage_dir: Path, kind: str, expected: int, epochs: int, metric: str,
                  every: float = 30.0) -> None:
         self.args = (stage_dir, kind, expected, epochs, metric)
+        self.label = stage_dir.name  # the stage, or an extension's part (eval-2)
         self.every = every
         self.start = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dartsweep-progress", daemon=True)
 
     def _line(self) -> str:
-        return progress_line(*self.args, elapsed=time.monotonic() - self.start)
+        return progress_line(*self.args, elapsed=time.monotonic() - self.start, label=self.label)
 
     def _run(self) -> None:
         last_shown, last_counts = 0.0, None
