@@ -118,14 +118,8 @@ def calibrate(lut: dict[str, Any], count: int = 3, progress=None) -> dict[str, A
     """Fit the table's ``scale``: ops timed alone run with warm caches and come out faster than inside a
     network (about 20 % at C 36, 10 layers on 2 CPU cores), so predictions scale the ops' sum by the median
     ratio measured on ``count`` random genotypes (their own seed, never the check's)."""
-    device = torch.device(lut["device_type"])
-    op_set = OpSet.from_dict(lut["op_set_spec"])
-    rng = random.Random(CALIBRATION_SEED)
     ratios = []
-    for i in range(count):
-        g = random_genotype(op_set, rng)
-        measured = _network_ms(g, lut["channels"], lut["layers"], lut["batch"], device, lut["repeats"],
-                               image_size=lut["image_size"])
+    for i, (g, measured) in enumerate(_measured_random(lut, count, CALIBRATION_SEED, lut["device_type"])):
         ops = _ops_ms({**lut, "scale": 1.0}, g)
         ratios.append((measured - lut["skeleton_ms"]) / ops if ops > 0 else 1.0)
         if progress:
@@ -174,19 +168,23 @@ def random_genotype(op_set: OpSet, rng: random.Random, nodes: int = 4) -> Genoty
     return Genotype(cell(), concat, cell(), concat, op_set.options)
 
 
+def _measured_random(lut: dict[str, Any], count: int, seed: int, device: str | torch.device):
+    """(genotype, measured ms) for ``count`` random genotypes of the table's op set, in the table's setting."""
+    op_set = OpSet.from_dict(lut["op_set_spec"])
+    rng = random.Random(seed)
+    for _ in range(count):
+        g = random_genotype(op_set, rng)
+        yield g, _network_ms(g, lut["channels"], lut["layers"], lut["batch"], torch.device(device), lut["repeats"],
+                             image_size=lut["image_size"])
+
+
 def check(lut: dict[str, Any], count: int = 10, seed: int = 0, device: str | torch.device | None = None,
           progress=None) -> dict[str, Any]:
     """Predicted against measured latency for ``count`` random genotypes of the table's op set."""
     import pandas as pd
 
-    device = torch.device(device or lut["device_type"])
-    op_set = OpSet.from_dict(lut["op_set_spec"])
-    rng = random.Random(seed)
     rows = []
-    for i in range(count):
-        g = random_genotype(op_set, rng)
-        measured = _network_ms(g, lut["channels"], lut["layers"], lut["batch"], device, lut["repeats"],
-                               image_size=lut["image_size"])
+    for i, (g, measured) in enumerate(_measured_random(lut, count, seed, device or lut["device_type"])):
         rows.append({"genotype": g.id, "predicted_ms": predict(lut, g), "measured_ms": measured})
         if progress:
             progress(f"genotype {i + 1}/{count}: predicted {rows[-1]['predicted_ms']:.2f} ms, measured "

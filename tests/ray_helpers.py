@@ -4,6 +4,8 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
+
 TINY_EVAL = {"channels": 4, "batch_size": 64, "lr": 0.05, "max_steps_per_epoch": 3}
 TINY_SEARCH = {"channels": 4, "layers": 3, "nodes": 2, "batch_size": 32, "order": 1, "max_steps_per_epoch": 3}
 
@@ -20,3 +22,13 @@ def sweep_file(tmp_path: Path, name: str, search: dict | None = None, evaluation
 
 def epochs_of(trial_dir: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def module_ray():
+    """A local Ray (2 CPUs) for a test module; use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_ray")]
 
 ray = pytest.importorskip("ray")
 
@@ -15,14 +15,7 @@ from analysis.frames import load_frames  # noqa: E402
 from nas.cli import main  # noqa: E402
 from sweeps.driver import run_sweep  # noqa: E402
 from sweeps.spec import parse_sweep  # noqa: E402
-from tests.ray_helpers import sweep_file  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+from tests.ray_helpers import module_ray, sweep_file  # noqa: E402,F401
 
 
 def write(path: Path, raw: dict) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_ray")]
 
 ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
@@ -19,14 +19,7 @@ from sweeps.driver import _param_space, resume_sweep, run_sweep  # noqa: E402
 from sweeps.loggers import CSVLogger, JsonLogger  # noqa: E402
 from sweeps.spec import parse_sweep  # noqa: E402
 from sweeps.status import sweep_status  # noqa: E402
-from tests.ray_helpers import epochs_of, sweep_file  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+from tests.ray_helpers import epochs_of, module_ray, sweep_file  # noqa: E402,F401
 
 
 def test_two_stage_sweep_end_to_end(tmp_path):
