@@ -8,7 +8,7 @@ import argparse
 def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis.report import analyze
 
-    out, summary = analyze(args.dir if len(args.dir) > 1 else args.dir[0], args.out, edge=args.edge)
+    out, summary = analyze(args.dir if len(args.dir) > 1 else args.dir[0], args.out, edge=args.edge, cost=args.cost)
     print(summary)
     print(f"plots, tables and index.md in {out}")
     return 0
@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", nargs="+", help="a sweep folder (or a copy of one); several are merged")
     p.add_argument("--out", help="where to write (default DIR/analysis; required with several DIRs)")
     p.add_argument("--edge", type=int, default=0, help="edge index for the alpha evolution plot (default 0)")
+    p.add_argument("--cost", choices=("gmac", "params", "latency", "throughput"), default="gmac",
+                   help="the cost of the printed Pareto set and index.md's (default gmac); every front is written")
     p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("gradcam", help="GradCAM grid (paper Fig. 5) for eval checkpoints")
     p.add_argument("checkpoints", nargs="+", help="eval trial folders, checkpoint folders or state.pt files")

@@ -120,7 +120,8 @@ def accuracy_vs_cost(trials: pd.DataFrame, out: Path, cost: str = "gmac") -> lis
 # cost column -> (axis label, title, file stem)
 COSTS = {"gmac": ("GMAC (multiply-accumulates x 1e9 per image)", "GMAC", "gmac"),
          "params_m": ("parameters (millions)", "parameters", "params"),
-         "latency_ms": ("latency at batch 1 (ms, measured on each trial's device)", "latency", "latency")}
+         "latency_ms": ("latency at batch 1 (ms, measured on each trial's device)", "latency", "latency"),
+         "ms_per_image": ("ms per image at the training batch size (1 / throughput)", "throughput", "throughput")}
 
 
 def latency_vs_gmac(trials: pd.DataFrame, out: Path) -> list[Path]:

@@ -73,14 +73,27 @@ def load_sweeps(sweep_dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFram
     return trials_frame, history_frame
 
 
+# the cost a printed Pareto set is on: column, unit (all: lower is better)
+PARETO_COSTS = {"gmac": ("gmac", "GMAC"), "params": ("params_m", "M params"), "latency": ("latency_ms", "ms"),
+                "throughput": ("ms_per_image", "ms per image")}
+
+
 def analyze(sweep_dir: str | Path | list[str | Path], out: str | Path | None = None,
-            edge: int = 0) -> tuple[Path, str]:
+            edge: int = 0, cost: str = "gmac") -> tuple[Path, str]:
     """Write plots (PNG+SVG), tables (CSV+Markdown) and index.md for one sweep, or several merged into one
-    set (:func:`load_sweeps`; ``out`` is then required); return (out dir, summary)."""
+    set (:func:`load_sweeps`; ``out`` is then required); return (out dir, summary), whose Pareto set is on
+    ``cost`` (gmac, params, latency, throughput)."""
+    if cost not in PARETO_COSTS:
+        raise ConfigError(f"--cost: one of {', '.join(PARETO_COSTS)}, got {cost!r}")
     dirs = [Path(d) for d in (sweep_dir if isinstance(sweep_dir, (list, tuple)) else [sweep_dir])]
     if len(dirs) > 1 and out is None:
         raise ConfigError("analyze: several sweeps need --out (where the merged analysis goes)")
     trials, history = load_sweeps(dirs)
+    trials["ms_per_image"] = 1e3 / trials.throughput_img_s  # throughput as a cost: lower is better
+    has_latency = trials.latency_ms.notna().any()
+    column = PARETO_COSTS[cost][0]
+    if column not in ("gmac", "params_m") and not has_latency:
+        raise ConfigError(f"--cost {cost}: no trial of these sweeps measured latency or throughput")
     out = Path(out) if out else dirs[0] / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     trials.drop(columns="sweep_dir").to_csv(out / "trials.csv", index=False)
@@ -89,18 +102,17 @@ def analyze(sweep_dir: str | Path | list[str | Path], out: str | Path | None = N
     t1.to_csv(out / "table1.csv", index=False)
     write_text_atomic(out / "table1.md", markdown_table(t1))
     fronts, figures = {}, []
-    has_latency = trials.latency_ms.notna().any()
-    for cost in ("gmac", "params_m") + (("latency_ms",) if has_latency else ()):
-        front = pareto_set(trials, cost)
+    for name in ("gmac", "params_m") + (("latency_ms", "ms_per_image") if has_latency else ()):
+        front = pareto_set(trials, name)
         cols = ["sweep", "genotype_id", "cell", "layers", "seed", "final_acc", "params_m", "gmac", "latency_ms",
-                "trial_id"]
-        front[cols].to_csv(out / f"pareto_{cost}.csv", index=False)
-        write_text_atomic(out / f"pareto_{cost}.md", markdown_table(front[cols]))
-        done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=[cost])
-        ref = default_reference(done[cost]) if len(done) else (0.0, 0.0)
-        hv = hypervolume(done.final_acc.to_numpy(), done[cost].to_numpy(), ref) if len(done) else 0.0
-        fronts[cost] = (front, ref, hv)
-        figures += plots.accuracy_vs_cost(trials, out, cost)
+                "throughput_img_s", "trial_id"]
+        front[cols].to_csv(out / f"pareto_{name}.csv", index=False)
+        write_text_atomic(out / f"pareto_{name}.md", markdown_table(front[cols]))
+        done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=[name])
+        ref = default_reference(done[name]) if len(done) else (0.0, 0.0)
+        hv = hypervolume(done.final_acc.to_numpy(), done[name].to_numpy(), ref) if len(done) else 0.0
+        fronts[name] = (front, ref, hv)
+        figures += plots.accuracy_vs_cost(trials, out, name)
     figures += plots.latency_vs_gmac(trials, out)
     figures += plots.accuracy_vs_layers(trials, out)
     figures += plots.accuracy_vs_ratio(trials, out)
@@ -118,11 +130,11 @@ def analyze(sweep_dir: str | Path | list[str | Path], out: str | Path | None = N
             if geno is not None:
                 for cell in ("normal", "reduce"):
                     figures += plots.draw_cell(geno, cell, out / "cells" / gid)
-    summary = _summary(trials, fronts)
+    summary = _summary(trials, fronts, column)
     title = ", ".join(d.name for d in dirs)
     index = ["# Sweep analysis: " + title, "", "```", summary, "```", "",
              "## Table 1", "", markdown_table(t1), "## Pareto set (accuracy vs GMAC)", "",
-             markdown_table(fronts["gmac"][0][["cell", "layers", "final_acc", "params_m", "gmac"]]),
+             markdown_table(fronts[column][0][["cell", "layers", "final_acc", "params_m", "gmac"]]),
              "## Figures", ""]
     index += [f"- [{p.relative_to(out)}]({p.relative_to(out)})" for p in dict.fromkeys(figures) if p.suffix == ".png"]
     index += ["", "Data: [trials.csv](trials.csv), [history.csv](history.csv), [table1.csv](table1.csv)"]
@@ -147,18 +159,21 @@ def _genotype(sweep_dir: Path, gid: str, trials: pd.DataFrame, table: dict[str, 
     return None
 
 
-def _summary(trials: pd.DataFrame, fronts: dict) -> str:
+def _summary(trials: pd.DataFrame, fronts: dict, column: str = "gmac") -> str:
     lines = []
     for stage in ("search", "eval"):
         sub = trials[trials.stage == stage]
         if len(sub):
             counts = ", ".join(f"{v} {k}" for k, v in sub.status.value_counts().items())
             lines.append(f"{stage}: {len(sub)} trials ({counts})")
-    front, ref, hv = fronts["gmac"]
-    lines.append(f"Pareto set (test acc up, GMAC down), hypervolume {hv:.4g} vs reference "
-                 f"(acc {ref[0]:g} %, {ref[1]:.4g} GMAC):")
+    front, ref, hv = fronts[column]
+    unit = next(u for c, u in PARETO_COSTS.values() if c == column)
+    lines.append(f"Pareto set (test acc up, {unit} down), hypervolume {hv:.4g} vs reference "
+                 f"(acc {ref[0]:g} %, {ref[1]:.4g} {unit}):")
     for _, r in front.iterrows():
-        lines.append(f"  {r.cell} L={int(r.layers)}: {r.final_acc:.2f} %  {r.gmac:.4g} GMAC  {r.params_m:.3g} M")
+        extra = f"  {r[column]:.4g} {unit}" if column not in ("gmac", "params_m") else ""
+        lines.append(f"  {r.cell} L={int(r.layers)}: {r.final_acc:.2f} %  {r.gmac:.4g} GMAC  {r.params_m:.3g} M"
+                     + extra)
     if front.empty:
         lines.append("  (no finished eval trials yet)")
     return "\n".join(lines)

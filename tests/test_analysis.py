@@ -202,4 +202,7 @@ def test_analyze_merges_sweeps_keeping_each_sweeps_trials(mixed_sweep, tmp_path)
     # eval trials measured their networks' latency: a latency front, latency vs GMAC, a Table 1 column
     assert (out / "accuracy_vs_latency.png").is_file() and (out / "latency_vs_gmac.png").is_file()
     assert (out / "pareto_latency_ms.csv").is_file() and (t1["Latency (ms)"] > 0).all()
+    assert (out / "accuracy_vs_throughput.png").is_file() and (out / "pareto_ms_per_image.csv").is_file()
+    capsys_free = main(["analyze", str(mixed_sweep), "--out", str(tmp_path / "lat"), "--cost", "latency"])
+    assert capsys_free == 0 and "ms down" in (tmp_path / "lat" / "index.md").read_text()
     assert main(["analyze", str(mixed_sweep), str(other)]) == 2  # several sweeps need --out
