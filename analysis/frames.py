@@ -127,15 +127,14 @@ def _first_error_line(text: str) -> str:
 def eval_stage_table(sweep_dir: Path) -> dict[str, Any]:
     """The eval stage's genotype table (id -> entry), as the driver gave it to the trials, rebuilt from the
     frozen sweep file and the searched genotypes; {} if unreadable."""
-    from sweeps.driver import GENOTYPE_DIR, SweepDir, eval_genotypes
+    from sweeps.driver import SweepDir, eval_genotypes, read_searched
     from sweeps.spec import eval_table
 
     from nas.genotypes import Genotype
 
     try:
         spec = SweepDir.at(sweep_dir).load_spec()
-        searched = {p.stem: json.loads(p.read_text()) for p in (sweep_dir / GENOTYPE_DIR).glob("*.json")
-                    if p.name != "index.json"}
+        searched = read_searched(sweep_dir)
         for entry in searched.values():  # a first-release sweep's files lack the form keys
             entry["genotype"] = Genotype.from_dict(entry["genotype"], spec.first_release).to_dict()
     except (ConfigError, OSError, json.JSONDecodeError, KeyError, TypeError):

@@ -9,6 +9,7 @@ prints.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any, Sequence
@@ -33,6 +34,23 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
+def timed_passes(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int = 3,
+                 autocast=contextlib.nullcontext) -> list[float]:
+    """Seconds of ``repeats`` forward passes of ``model`` on ``x`` after ``warmup`` untimed ones, each
+    synchronised with the device; the model runs in whatever mode it is in."""
+    times = []
+    for i in range(warmup + repeats):
+        _sync(x.device)
+        start = time.perf_counter()
+        with autocast():
+            model(x)
+        _sync(x.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+@torch.no_grad()
 def measure_latency(model: nn.Module, input_shape: Sequence[int], device: torch.device | str = "cpu",
                     batch_sizes: Sequence[int] = (1, 256), repeats: int = 20, warmup: int = 3,
                     amp: bool | None = None, channels_last: bool = True) -> dict[str, Any]:
@@ -54,15 +72,7 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], device: torch.
     per_batch = {}
     for batch in sorted(set(batch_sizes)):
         x = torch.randn(batch, *input_shape, device=device).contiguous(memory_format=fmt)
-        times = []
-        for i in range(warmup + repeats):
-            _sync(device)
-            start = time.perf_counter()
-            with autocast():
-                model(x)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+        times = timed_passes(model, x, repeats, warmup, autocast)
         q = statistics.quantiles(times, n=4)
         per_batch[batch] = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
                             "max_ms": 1e3 * max(times), "iqr_ms": 1e3 * (q[2] - q[0]), "repeats": repeats}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import random
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -54,18 +53,10 @@ def _positions(channels: int, layers: int, image_size: int, nodes: int = 4) -> s
     return out
 
 
-@torch.no_grad()
 def _median_ms(module: torch.nn.Module, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
-    module.eval()
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        module(x)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    from nas.latency import timed_passes
+
+    return 1e3 * statistics.median(timed_passes(module.eval(), x, repeats, warmup))
 
 
 def _input(c: int, h: int, batch: int, device: torch.device) -> torch.Tensor:

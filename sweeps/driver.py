@@ -457,6 +457,12 @@ def collect_genotypes(sweep: SweepDir, spec: SweepSpec) -> dict[str, Any]:
     return found
 
 
+def read_searched(sweep_folder: Path) -> dict[str, Any]:
+    """The searched cells a sweep folder holds (``genotypes/<key>.json``), by table key."""
+    return {p.stem: json.loads(p.read_text()) for p in (Path(sweep_folder) / GENOTYPE_DIR).glob("*.json")
+            if p.name != "index.json"}
+
+
 def eval_genotypes(spec: SweepSpec, searched: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in spec.eval.axes["genotypes"].items():  # type: ignore[union-attr]

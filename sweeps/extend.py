@@ -130,19 +130,15 @@ def _as_list(value: Any) -> list[Any]:
 def plan(sweep: Any, old: SweepSpec, union: SweepSpec) -> list[dict[str, Any]]:
     """The new trials an extension runs (what ``--dry-run`` prints): new search points, new eval points of
     the genotypes known now, and a line for the cells new search trials may add."""
-    import json
-
     state = sweep.read_state()
     recorded = state if "points" in state else {"points": _current_points(sweep, old)}
     rows: list[dict[str, Any]] = []
     new_search = missing_points(recorded, union.search, None) if union.search else []
     rows += [{"stage": "search", **p, "epochs": union.search.epochs} for p in new_search]
     if union.eval is not None:
-        from sweeps.driver import GENOTYPE_DIR, eval_genotypes
+        from sweeps.driver import eval_genotypes, read_searched
 
-        folder = Path(sweep.location, GENOTYPE_DIR)
-        searched = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json") if p.name != "index.json"}
-        genotypes = eval_genotypes(union, searched)
+        genotypes = eval_genotypes(union, read_searched(sweep.location))
         rows += [{"stage": "eval", **p, "epochs": union.eval.epochs} for p in missing_points(recorded, union.eval,
                                                                                               genotypes)]
         if new_search and SEARCHED in union.eval.axes["genotypes"]:
