@@ -137,8 +137,9 @@ def _search_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: n
     else:
         model = plain_network(op_set, args["C"], args["layers"])
     model = model.to(device).to(memory_format=fmt)
-    opt = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4)
-    arch_opt = torch.optim.Adam(model.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+    opt = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4, foreach=True)
+    arch_opt = torch.optim.Adam(model.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3,
+                                foreach=True)
     autocast = autocast_factory(fast and args["amp"], device)
     plain = None if fast else PlainArchitect(
         model, lambda: plain_network(op_set, args["C"], args["layers"]).to(device), 0.9, 3e-4)
@@ -171,7 +172,7 @@ def _search_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: n
         opt.zero_grad(set_to_none=True)
         # research code's loss.backward() also fills alpha's .grad
         F.cross_entropy(model(train[0]), train[1]).backward()
-        nn.utils.clip_grad_norm_(model.weights(), 5.0)
+        nn.utils.clip_grad_norm_(model.weights(), 5.0, foreach=True)
         opt.step()
 
     return step
@@ -187,7 +188,7 @@ def _eval_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: np.
     model = (model if fast else reference_modules(model)).to(device).to(memory_format=fmt)
     model.drop_path_prob = 0.2
     model.train()
-    opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4, foreach=True)
     autocast = autocast_factory(fast and args["amp"], device)
     data = _device_data(images, labels, device)
     gen = torch.Generator(device=device).manual_seed(0)

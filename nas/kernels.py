@@ -293,6 +293,11 @@ def native_kernels() -> Iterator[None]:
         _NATIVE_ONLY.reset(token)
 
 
+def cuda_code_path(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the CUDA code path: on a non-CPU device, or inside :func:`native_kernels`."""
+    return x.device.type != "cpu" or _NATIVE_ONLY.get()
+
+
 def _cpu_rewrite(x: torch.Tensor) -> bool:
     """Whether the CPU rewrites of the convs apply: CPU input outside autocast and outside
     :func:`native_kernels`. (Autocast casts inside a custom Function's forward but not in its backward,

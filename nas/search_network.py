@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from nas.fused import StackedCell
 from nas.genotypes import Genotype
-from nas.kernels import GlobalAvgPool2d
+from nas.kernels import GlobalAvgPool2d, cuda_code_path
 from nas.ops import (POOLING, build_op, cell_layout, cell_preprocessing, make_activation,
                      make_norm, stem)
 from nas.opsets import OpSet
@@ -103,8 +104,12 @@ class _WeightedSum(torch.autograd.Function):
 
 
 class SearchCell(nn.Module):
+    """A DARTS search cell. Its nodes are computed edge by edge (each a :class:`MixedOp`; the CPU path) or,
+    per source state, with each op family of all outgoing edges stacked (:class:`nas.fused.StackedCell`;
+    the CUDA path): ``stacked`` None picks by device, True/False forces one."""
+
     def __init__(self, op_set: OpSet, nodes: int, c_prev_prev: int, c_prev: int, c: int, reduction: bool,
-                 reduction_prev: bool, mixed_op: type[nn.Module] = MixedOp) -> None:
+                 reduction_prev: bool, mixed_op: type[nn.Module] = MixedOp, stacked: bool | None = None) -> None:
         super().__init__()
         self.reduction = reduction
         self.nodes = nodes
@@ -112,8 +117,13 @@ class SearchCell(nn.Module):
                                                    op_set.options.outer_activation)
         self.edges = nn.ModuleList(
             mixed_op(op_set, c, 2 if reduction and j < 2 else 1) for i in range(nodes) for j in range(i + 2))
+        self.stacked = stacked
+        self.stacked_cell = StackedCell(self.edges, nodes, len(op_set.primitives)) if mixed_op is MixedOp else None
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        use_stacked = cuda_code_path(s0) if self.stacked is None else self.stacked
+        if use_stacked and self.stacked_cell is not None:
+            return self.stacked_cell(self.pre0(s0), self.pre1(s1), weights)
         states = [self.pre0(s0), self.pre1(s1)]
         offset = 0
         for _ in range(self.nodes):
@@ -156,7 +166,7 @@ class SearchNetwork(nn.Module):
 
     def __init__(self, op_set: OpSet, channels: int = 16, layers: int = 8, nodes: int = 4, num_classes: int = 10,
                  in_channels: int = 3, stem_multiplier: int = 3, checkpoint_cells: bool = False,
-                 mixed_op: type[nn.Module] = MixedOp) -> None:
+                 mixed_op: type[nn.Module] = MixedOp, stacked: bool | None = None) -> None:
         super().__init__()
         self.op_set = op_set
         self.nodes = nodes
@@ -169,7 +179,8 @@ class SearchNetwork(nn.Module):
         for reduction in cell_layout(layers):
             if reduction:
                 c_curr *= 2
-            self.cells.append(SearchCell(op_set, nodes, c_pp, c_p, c_curr, reduction, reduction_prev, mixed_op))
+            self.cells.append(SearchCell(op_set, nodes, c_pp, c_p, c_curr, reduction, reduction_prev, mixed_op,
+                                         stacked))
             reduction_prev = reduction
             c_pp, c_p = c_p, nodes * c_curr
         self.global_pooling = GlobalAvgPool2d()

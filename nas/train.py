@@ -177,11 +177,11 @@ def build_search(config: SearchConfig, data: ImageData, device: torch.device):
                           data.num_classes, data.in_channels, checkpoint_cells=config.checkpoint_cells).to(device)
     model = model.to(memory_format=_memory_format(config.channels_last))
     optimizer = torch.optim.SGD(model.weights(), config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+                                weight_decay=config.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, eta_min=config.lr_min)
     arch_optimizer = torch.optim.Adam(model.arch_parameters(), config.arch_lr,
                                       betas=(config.arch_beta1, config.arch_beta2),
-                                      weight_decay=config.arch_weight_decay)
+                                      weight_decay=config.arch_weight_decay, foreach=True)
     return model, optimizer, scheduler, arch_optimizer
 
 
@@ -216,10 +216,20 @@ def search_step(model: SearchNetwork, optimizer: torch.optim.Optimizer, arch_opt
     with autocast(), architect.without_grad(model.arch_parameters()):  # alpha's gradient is not needed
         logits = model(train[0]).float()
     loss = F.cross_entropy(logits, train[1])
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.weights(), grad_clip)
-    optimizer.step()
+    weight_step(optimizer, model.weights(), loss, grad_clip)
     return loss, logits
+
+
+def weight_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor,
+                grad_clip: float) -> None:
+    """Clip and apply ``loss``'s gradients. They come from ``autograd.grad`` and are handed to the optimiser
+    as they are, rather than accumulated into ``.grad`` by ``backward()``: the same values without a
+    dispatch (a host-side launch on CUDA) per parameter, of which the search network has over a thousand."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    for p, g in zip(params, grads):
+        p.grad = g
+    nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    optimizer.step()
 
 
 def run_search(config: SearchConfig, *, data: ImageData | None = None, device: str | torch.device | None = None,
@@ -313,7 +323,7 @@ def build_eval(config: EvalConfig, data: ImageData, device: torch.device):
                         data.in_channels, auxiliary=config.auxiliary).to(device)
     model = model.to(memory_format=_memory_format(config.channels_last))
     optimizer = torch.optim.SGD(model.parameters(), config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+                                weight_decay=config.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, eta_min=config.lr_min)
     return model, optimizer, scheduler
 
@@ -336,9 +346,7 @@ def eval_step(model: EvalNetwork, optimizer: torch.optim.Optimizer, inputs: torc
     """One evaluation training step, as ``run_eval`` and ``dartsweep bench eval`` run it; (loss, logits)."""
     optimizer.zero_grad(set_to_none=True)
     loss, logits = eval_loss(model, inputs, targets, aux_weight, autocast)
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    weight_step(optimizer, [p for p in model.parameters() if p.requires_grad], loss, grad_clip)
     return loss, logits
 
 
