@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from nas.data import ImageData, make_batch
 from nas.eval_network import EvalNetwork
 from nas.genotypes import PIBCONV
+from nas.graphs import GraphedStep
 from nas.opsets import OP_SETS
 from nas.reference import CIFAR_MEAN, CIFAR_STD, PlainArchitect, plain_loader, plain_network, reference_modules
 from nas.search_network import SearchNetwork
@@ -138,8 +139,9 @@ def _search_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: n
         model = plain_network(op_set, args["C"], args["layers"])
     model = model.to(device).to(memory_format=fmt)
     opt = torch.optim.SGD(model.weights(), 0.025, momentum=0.9, weight_decay=3e-4, foreach=True)
+    graphs = fast and args.get("cuda_graphs", False)
     arch_opt = torch.optim.Adam(model.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-3,
-                                foreach=True)
+                                foreach=True, capturable=graphs and device.type == "cuda")
     autocast = autocast_factory(fast and args["amp"], device)
     plain = None if fast else PlainArchitect(
         model, lambda: plain_network(op_set, args["C"], args["layers"]).to(device), 0.9, 3e-4)
@@ -148,6 +150,9 @@ def _search_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: n
     loader = None if fast else iter(plain_loader(images, labels, batch))
 
     pairs = len(labels) // (2 * batch)
+    graphed = GraphedStep(lambda xt, yt, xv, yv: search_step(
+        model, opt, arch_opt, (xt, yt), (xv, yv), 0.025, order=args["order"], momentum=0.9, weight_decay=3e-4,
+        grad_clip=5.0, autocast=autocast), device, graphs, name="search step")
 
     def batch_pair(i: int):
         if fast:
@@ -161,8 +166,7 @@ def _search_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: n
     def step(i: int) -> None:
         train, valid = batch_pair(i)
         if fast:  # the product's own step (nas.train), as run_search runs it
-            search_step(model, opt, arch_opt, train, valid, 0.025, order=args["order"], momentum=0.9,
-                        weight_decay=3e-4, grad_clip=5.0, autocast=autocast)
+            graphed(0.025, *train, *valid)
             return
         arch_opt.zero_grad(set_to_none=True)
         grads = plain.alpha_grads(train, valid, 0.025, opt, unrolled=args["order"] == 2)
@@ -195,6 +199,8 @@ def _eval_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: np.
     loader = None if fast else iter(plain_loader(images, labels, batch, cutout=16))
 
     batches = len(labels) // batch
+    graphed = GraphedStep(lambda x, y: eval_step(model, opt, x, y, aux_weight=0.4, grad_clip=5.0, autocast=autocast),
+                          device, fast and args.get("cuda_graphs", False), name="eval step")
 
     def step(i: int) -> None:
         if fast:
@@ -205,7 +211,7 @@ def _eval_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: np.
         else:
             x, y = next(loader)
             x, y = x.to(device), y.to(device)
-        eval_step(model, opt, x, y, aux_weight=0.4, grad_clip=5.0, autocast=autocast)  # the product's step
+        graphed(0, x, y)  # the product's step
 
     return step
 
@@ -521,7 +527,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             "size": ns.size, "steps": ns.steps, "order": ns.order, "device": ns.device,
             "channels_last": not ns.no_channels_last, "checkpoint_cells": ns.checkpoint_cells,
             "keep_memory": not ns.no_keep_memory,
-            "amp": ns.device == "cuda" and not ns.no_amp, "threads": ns.threads or torch.get_num_threads()}
+            "amp": ns.device == "cuda" and not ns.no_amp, "threads": ns.threads or torch.get_num_threads(),
+            "cuda_graphs": ns.cuda_graphs}
     if ns.repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {ns.repeats}")
     if ns.count_ops:
@@ -603,7 +610,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-cells", action="store_true", help="fast side with per-cell checkpointing")
     p.add_argument("--no-keep-memory", action="store_true",
                    help="CPU: fast side with glibc's default malloc trimming (see nas.train.keep_freed_memory)")
-    p.add_argument("--no-amp", action="store_true", help="CUDA: fast side in float32")
+    p.add_argument("--no-amp", action="store_true", help="CUDA: fast side in float32 (TF32 matmuls and convs)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: fast side replays each step as a captured CUDA graph (nas.graphs)")
     p.add_argument("--trials", default="1,2,4,8", help="pack: trial counts to run at once (default 1,2,4,8)")
     p.add_argument("--seconds", type=_positive_float, default=20.0, help="pack: seconds each count trains (default 20)")
     p.add_argument("--count-ops", action="store_true",

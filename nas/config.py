@@ -89,6 +89,7 @@ class SearchConfig:
     amp: bool | None = None  # bf16 autocast; None = on for CUDA only
     channels_last: bool = True
     checkpoint_cells: bool = False  # per-cell activation checkpointing: far less memory, ~30 % more compute
+    cuda_graphs: bool = False  # replay each step as a captured CUDA graph (nas.graphs); off until measured
     max_steps_per_epoch: int | None = None  # cap for smoke runs
     cost_metric: str = "gmac"  # cost-aware search (nas.cost): gmac | params
     cost_weight: float = 0.0  # lambda of the expected-cost term; 0: plain DARTS
@@ -143,6 +144,7 @@ class EvalConfig:
     amp: bool | None = None
     channels_last: bool = True
     max_steps_per_epoch: int | None = None
+    cuda_graphs: bool = False  # replay each training step as a captured CUDA graph (nas.graphs)
     latency: bool = True  # sweeps: measure the network's forward latency on the trial's device and report it
 
     def __post_init__(self) -> None:

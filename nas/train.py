@@ -27,6 +27,7 @@ from nas.data import ImageData, batch_indices, load_dataset, make_batch
 from nas.errors import ConfigError, DivergenceError
 from nas.eval_network import EvalNetwork
 from nas.genotypes import Genotype
+from nas.graphs import GraphedStep
 from nas.search_network import SearchNetwork, alpha_entropy
 
 Metrics = dict[str, Any]
@@ -181,7 +182,8 @@ def build_search(config: SearchConfig, data: ImageData, device: torch.device):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, eta_min=config.lr_min)
     arch_optimizer = torch.optim.Adam(model.arch_parameters(), config.arch_lr,
                                       betas=(config.arch_beta1, config.arch_beta2),
-                                      weight_decay=config.arch_weight_decay, foreach=True)
+                                      weight_decay=config.arch_weight_decay, foreach=True,
+                                      capturable=config.cuda_graphs and device.type == "cuda")
     return model, optimizer, scheduler, arch_optimizer
 
 
@@ -264,6 +266,14 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
                 "scheduler": scheduler.state_dict(), "arch_optimizer": arch_optimizer.state_dict(),
                 "rng": _rng_state(gen), "history": list(state.history)}
 
+    def one_step(x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor,
+                 y_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return search_step(model, optimizer, arch_optimizer, (x_train, y_train), (x_valid, y_valid), lr,
+                           order=config.order, momentum=config.momentum, weight_decay=config.weight_decay,
+                           grad_clip=config.grad_clip, autocast=autocast, cost=cost)
+
+    step_fn = GraphedStep(one_step, dev, config.cuda_graphs, name="search step")  # keyed by the epoch's lr
+
     while state.epoch < config.epochs:
         epoch, start = state.epoch, time.perf_counter()
         lr = scheduler.get_last_lr()[0]
@@ -277,9 +287,7 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
             bw, ba = w_batches[step], a_batches[step % len(a_batches)]
             train = (make_batch(data, x_w[bw], augment=True, generator=gen, memory_format=fmt), y_w[bw])
             valid = (make_batch(data, x_a[ba], augment=True, generator=gen, memory_format=fmt), y_a[ba])
-            loss, logits = search_step(model, optimizer, arch_optimizer, train, valid, lr, order=config.order,
-                                       momentum=config.momentum, weight_decay=config.weight_decay,
-                                       grad_clip=config.grad_clip, autocast=autocast, cost=cost)
+            loss, logits = step_fn(lr, *train, *valid)
             totals.add(loss, logits, train[1], epoch, step, last=step + 1 == steps)
             if on_step is not None:
                 on_step(step + 1, steps)
@@ -378,6 +386,13 @@ def run_eval(config: EvalConfig, *, data: ImageData | None = None, device: str |
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(gen), "history": list(state.history)}
 
+    def one_step(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return eval_step(model, optimizer, inputs, targets, aux_weight=config.auxiliary_weight,
+                         grad_clip=config.grad_clip, autocast=autocast)
+
+    # the learning rate and drop-path probability are baked into a captured step: keyed by both
+    step_fn = GraphedStep(one_step, dev, config.cuda_graphs, name="eval training step")
+
     while state.epoch < config.epochs:
         epoch, start = state.epoch, time.perf_counter()
         lr = scheduler.get_last_lr()[0]
@@ -391,8 +406,7 @@ def run_eval(config: EvalConfig, *, data: ImageData | None = None, device: str |
             inputs = make_batch(data, data.train_x[idx], augment=True, generator=gen, cutout_length=cutout_length,
                                 memory_format=fmt)
             targets = data.train_y[idx]
-            loss, logits = eval_step(model, optimizer, inputs, targets, aux_weight=config.auxiliary_weight,
-                                     grad_clip=config.grad_clip, autocast=autocast)
+            loss, logits = step_fn((lr, model.drop_path_prob), inputs, targets)
             totals.add(loss, logits, targets, epoch, step, last=step + 1 == len(batches))
             if on_step is not None:
                 on_step(step + 1, len(batches))
@@ -437,7 +451,7 @@ def _check_resume(resume: dict[str, Any], phase: str, config: dict[str, Any]) ->
     saved = dict(resume.get("config", {}))
     # a field added since the checkpoint was written (cost_weight, latency, ...) has its default there
     defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig if phase == "search" else EvalConfig)}
-    changed = sorted(k for k in config if k != "data_dir"
+    changed = sorted(k for k in config if k not in ("data_dir", "cuda_graphs")  # where, and how fast: not what
                      and not _same_setting(k, saved.get(k, defaults.get(k)), config[k]))
     if changed:
         raise ConfigError(f"checkpoint was written with a different config ({', '.join(changed)}); "
