@@ -87,7 +87,13 @@ def cmd_search(args: argparse.Namespace) -> int:
                           epochs=args.epochs, batch_size=args.batch_size, channels=args.channels,
                           layers=args.layers, nodes=args.nodes, order=args.order, seed=args.seed,
                           max_steps_per_epoch=args.max_steps_per_epoch, cost_metric=args.cost_metric,
-                          cost_weight=args.cost_weight)
+                          cost_weight=args.cost_weight, cost_lut=args.cost_lut)
+    if config.cost_lut is not None:  # the device too, before any work
+        from nas.lut import check_search_compatible, read_lut
+        from nas.train import resolve_device
+
+        check_search_compatible(read_lut(config.cost_lut, "cost_lut:"), config.resolved_op_set(), config.channels,
+                                config.layers, resolve_device(args.device).type)
     out = Path(args.out or f"runs/search-{config.resolved_op_set().id}-s{config.seed}")
     result = _run_phase("search", config, out, args.resume, args.device)
     print(json.dumps(result.genotype.to_dict()))
@@ -175,17 +181,6 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_lut(path: str) -> dict[str, Any]:
-    try:
-        lut = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--lut {path}: not a readable LUT file ({type(exc).__name__}); build one with "
-                          "`dartsweep lut build`") from None
-    if not isinstance(lut, dict) or not {"ops", "op_set_spec", "skeleton_ms"} <= set(lut):
-        raise ConfigError(f"--lut {path}: not a LUT file (no ops, op_set_spec, skeleton_ms)")
-    return lut
-
-
 def cmd_lut(args: argparse.Namespace) -> int:
     from nas import lut as lut_lib
 
@@ -208,7 +203,7 @@ def cmd_lut(args: argparse.Namespace) -> int:
               f"{table['scale']:.3f} for {op_set.id} at "
               f"C={args.channels}, {args.layers} layers on {table['device']}, batch {args.batch}: {args.out}")
         return 0
-    table = _read_lut(args.lut)
+    table = lut_lib.read_lut(args.lut)
     if args.lut_command == "predict":
         from nas.genotypes import load_genotype
 
@@ -292,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=_positive_int, default=4)
     p.add_argument("--cost-weight", type=float, default=0.0,
                    help="lambda of the expected-cost term (cost-aware search; 0: plain DARTS)")
-    p.add_argument("--cost-metric", choices=("gmac", "params"), default="gmac", help="what the cost term counts")
+    p.add_argument("--cost-metric", choices=("gmac", "params", "latency"), default="gmac",
+                   help="what the cost term counts (latency: from --cost-lut)")
+    p.add_argument("--cost-lut", help="latency cost: a table from `dartsweep lut build` for this network and device")
     common(p, 50, 64)
     p.set_defaults(func=cmd_search)
 

@@ -91,18 +91,27 @@ class SearchConfig:
     checkpoint_cells: bool = False  # per-cell activation checkpointing: far less memory, ~30 % more compute
     cuda_graphs: bool = False  # replay each step as a captured CUDA graph (nas.graphs); off until measured
     max_steps_per_epoch: int | None = None  # cap for smoke runs
-    cost_metric: str = "gmac"  # cost-aware search (nas.cost): gmac | params
+    cost_metric: str = "gmac"  # cost-aware search (nas.cost): gmac | params | latency
     cost_weight: float = 0.0  # lambda of the expected-cost term; 0: plain DARTS
+    cost_lut: str | None = None  # latency: a table from `dartsweep lut build` for this network and device
 
     def __post_init__(self) -> None:
         _common_checks(self)
         _positive("nodes", self.nodes, integer=True)
         _positive("cost_weight", self.cost_weight, allow_zero=True)
-        if self.cost_metric == "latency":
-            raise ConfigError("cost_metric: latency needs a per-op latency table, which dartsweep does not build "
-                              "yet; use gmac or params")
-        if self.cost_metric not in ("gmac", "params"):
-            raise ConfigError(f"cost_metric: must be one of gmac, params, got {self.cost_metric!r}")
+        if self.cost_metric not in ("gmac", "params", "latency"):
+            raise ConfigError(f"cost_metric: must be one of gmac, params, latency, got {self.cost_metric!r}")
+        if self.cost_metric == "latency" and self.cost_lut is None:
+            raise ConfigError("cost_metric: latency needs cost_lut: a table from `dartsweep lut build --op-set ... "
+                              f"--channels {self.channels} --layers {self.layers} --device cpu|cuda`")
+        if self.cost_lut is not None:
+            if self.cost_metric != "latency":
+                raise ConfigError(f"cost_lut: is read only with cost_metric: latency (cost_metric is "
+                                  f"{self.cost_metric})")
+            from nas.lut import check_search_compatible, read_lut
+
+            check_search_compatible(read_lut(self.cost_lut, "cost_lut:"), self.resolved_op_set(), self.channels,
+                                    self.layers)
         _positive("arch_lr", self.arch_lr)
         _positive("arch_weight_decay", self.arch_weight_decay, allow_zero=True)
         if self.order not in (1, 2):

@@ -5,7 +5,8 @@ softmax(alpha)_op * cost(op at that edge and cell), differentiable in alpha, and
 at uniform weights, so lambda is unitless (lambda = 1: the term equals 1 at the start of a search) and
 the same lambda means the same pull on CIFAR or digits. The costs: GMACs (conv and linear
 multiply-accumulates of each candidate op at the resolution its cell runs, counted by torch's
-FlopCounterMode on the native kernels) or parameters. ``none`` costs nothing. The term does not depend
+FlopCounterMode on the native kernels), parameters, or latency (ms) from a per-op lookup table built for
+the search network's channels, layers and device (``nas.lut``). ``none`` costs nothing. The term does not depend
 on the network's weights, so its gradient is exact for first- and second-order DARTS alike and is added
 to alpha's gradient after the architect's.
 """
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from nas.errors import ConfigError
 
-COST_METRICS = ("gmac", "params")
+COST_METRICS = ("gmac", "params", "latency")
 
 
 @dataclass(frozen=True)
@@ -56,17 +57,24 @@ def op_costs(model, metric: str, input_shape: tuple[int, int, int]) -> tuple[tor
 
     from nas.kernels import native_kernels
 
-    if metric not in COST_METRICS:
-        raise ConfigError(f"cost_metric: must be one of {', '.join(COST_METRICS)}, got {metric!r}")
+    if metric not in COST_METRICS or metric == "latency":
+        raise ConfigError(f"cost_metric: op_costs counts gmac or params, got {metric!r}")
     n_ops = len(model.op_set.primitives)
     tables = {True: torch.zeros(len(model.cells[0].edges), n_ops), False: torch.zeros(len(model.cells[0].edges), n_ops)}
     counts: dict[str, dict] = {}
     if metric == "gmac":
         was_training = model.training
         model.eval()
-        with native_kernels(), torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_shape, device=model.alpha_normal.device))
-        model.train(was_training)
+        modes = [cell.stacked for cell in model.cells]
+        for cell in model.cells:  # edge by edge, so that every op is counted under its own module name
+            cell.stacked = False
+        try:
+            with native_kernels(), torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model(torch.zeros(1, *input_shape, device=model.alpha_normal.device))
+        finally:
+            for cell, mode in zip(model.cells, modes):
+                cell.stacked = mode
+            model.train(was_training)
         counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     for c, cell in enumerate(model.cells):
         for e, edge in enumerate(cell.edges):
@@ -84,9 +92,21 @@ def op_costs(model, metric: str, input_shape: tuple[int, int, int]) -> tuple[tor
     return tables[False], tables[True]
 
 
-def cost_term(model, metric: str, weight: float, input_shape: tuple[int, int, int]) -> CostTerm | None:
-    """The search's cost term; None when ``weight`` is 0 (the search is then exactly plain DARTS)."""
+def cost_term(model, metric: str, weight: float, input_shape: tuple[int, int, int], lut_path: str | None = None,
+              device: str | None = None) -> CostTerm | None:
+    """The search's cost term; None when ``weight`` is 0 (the search is then exactly plain DARTS). Latency
+    costs come from the table at ``lut_path``, which must be built for this network on ``device``."""
     if weight == 0:
         return None
+    if metric == "latency":
+        from nas.lut import check_search_compatible, read_lut, search_costs
+
+        if lut_path is None:
+            raise ConfigError("cost_metric: latency needs cost_lut: a table from `dartsweep lut build`")
+        lut = read_lut(lut_path, "cost_lut:")
+        channels = model.cells[0].pre1.op[1].out_channels
+        check_search_compatible(lut, model.op_set, channels, len(model.cells), device, input_shape[1])
+        normal, reduce = search_costs(lut, model)
+        return CostTerm(normal, reduce, metric, float(weight))
     normal, reduce = op_costs(model, metric, input_shape)
     return CostTerm(normal, reduce, metric, float(weight))

@@ -10,9 +10,11 @@ valid for its op set options, channels, layers, device, batch and threads; ``pre
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import statistics
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -184,3 +186,71 @@ def check(lut: dict[str, Any], count: int = 10, seed: int = 0, device: str | tor
     errors = (frame.predicted_ms - frame.measured_ms).abs() / frame.measured_ms
     return {"genotypes": rows, "spearman": float(frame.predicted_ms.corr(frame.measured_ms, method="spearman")),
             "median_abs_error": float(errors.median()), "count": count, "seed": seed}
+
+
+def read_lut(path: str, where: str = "--lut") -> dict[str, Any]:
+    """A table written by ``dartsweep lut build``; a clear error for anything else."""
+    try:
+        lut = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{where} {path}: not a readable LUT file ({type(exc).__name__}); build one with "
+                          "`dartsweep lut build`") from None
+    if not isinstance(lut, dict) or not {"ops", "op_set_spec", "skeleton_ms", "channels", "layers",
+                                         "device_type", "image_size"} <= set(lut):
+        raise ConfigError(f"{where} {path}: not a LUT file (built by `dartsweep lut build`)")
+    return lut
+
+
+def check_search_compatible(lut: dict[str, Any], op_set: OpSet, channels: int, layers: int,
+                            device: str | None = None, image_size: int | None = None) -> None:
+    """Refuse a table that was not built for this search network: another op set (primitives or options,
+    F included), channel count, layer count, device type or image size; the message names the mismatch."""
+    spec = OpSet.from_dict(lut["op_set_spec"])
+    missing = [p for p in op_set.primitives if p not in spec.primitives]
+    if missing or spec.options != op_set.options:
+        what = f"lacks {', '.join(missing)}" if missing else f"has options {spec.options}, not {op_set.options}"
+        raise ConfigError(f"cost_lut: the LUT was built for op set {lut['op_set']}, which {what}; build one with "
+                          f"`dartsweep lut build --op-set ... --channels {channels} --layers {layers}`")
+    for what, want, have in (("channels", channels, lut["channels"]), ("layers", layers, lut["layers"]),
+                             ("device", device, lut["device_type"]), ("image size", image_size, lut["image_size"])):
+        if want is not None and want != have:
+            raise ConfigError(f"cost_lut: the LUT was built for {what} {have}, but the search runs at {what} "
+                              f"{want}; build one for {want}")
+
+
+def search_costs(lut: dict[str, Any], model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normal, reduce) per-(edge, primitive) latency (ms) of a SearchNetwork's ops from ``lut``, summed over
+    the cells of each kind: each op at its cell's channels, stride and input size, less the ``none`` op timed
+    there (so ``none`` costs nothing)."""
+    sizes = []
+    hooks = [cell.pre1.register_forward_hook(lambda m, i, out: sizes.append(tuple(out.shape[1:3])))
+             for cell in model.cells]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, model.stem[0].in_channels, lut["image_size"], lut["image_size"],
+                              device=model.alpha_normal.device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    prims = model.op_set.primitives
+    tables = {False: torch.zeros(model.alpha_normal.shape), True: torch.zeros(model.alpha_reduce.shape)}
+    for cell, (c, h) in zip(model.cells, sizes):
+        edge = 0
+        for node in range(cell.nodes):
+            for source in range(node + 2):
+                stride = 2 if cell.reduction and source < 2 else 1
+                size = h if source < 2 or not cell.reduction else math.ceil(h / 2)
+                for p, name in enumerate(prims):
+                    if name == "none":
+                        continue
+                    key = KEY_SEP.join(map(str, (name, c, stride, size)))
+                    if key not in lut["ops"]:
+                        raise ConfigError(f"cost_lut: the LUT has no timing of {name} at C={c}, stride {stride}, "
+                                          f"{size}x{size}; build it for this network's channels and layers")
+                    base = lut["ops"].get(KEY_SEP.join(map(str, ("none", c, stride, size))), 0.0)
+                    tables[cell.reduction][edge, p] += max(0.0, lut["ops"][key] - base)
+                edge += 1
+    return tables[False], tables[True]

@@ -257,7 +257,7 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
     fmt = _memory_format(config.channels_last)
     w_idx, a_idx = (t.to(dev) for t in search_split(len(data.train_y), config.train_portion))
     cost = cost_term(model, config.cost_metric, config.cost_weight,
-                     (data.in_channels, data.image_size, data.image_size))
+                     (data.in_channels, data.image_size, data.image_size), config.cost_lut, dev.type)
     x_w, y_w, x_a, y_a = data.train_x[w_idx], data.train_y[w_idx], data.train_x[a_idx], data.train_y[a_idx]
 
     def make_checkpoint() -> dict[str, Any]:

@@ -244,11 +244,13 @@ def table_key(item: OpSet | Genotype, first_release: bool) -> str:
     return item.first_release_id if first_release else item.id
 
 
-def _search_stage(raw: Any, dataset: str, data_dir: str, first_release: bool = False) -> Stage:
+def _search_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, first_release: bool = False) -> Stage:
     where = "search"
     if not isinstance(raw, Mapping):
         raise _fail(where, "must be a mapping of settings")
     base = _split_stage(raw, "search", where)
+    if base.get("cost_lut") is not None:  # relative to the sweep file, like every path in it
+        base["cost_lut"] = resolve_path(base["cost_lut"], base_dir, f"{where}.cost_lut")
     op_specs = _grid(raw, "op_sets", where, default=["pibconv"])
     if isinstance(op_specs, dict):
         raise _fail(f"{where}.op_sets", "must be a list of op set names or mappings, not a range")
@@ -279,7 +281,16 @@ def _search_stage(raw: Any, dataset: str, data_dir: str, first_release: bool = F
             config_from_mapping(SearchConfig, {**base_full, "op_set": mapping, "seed": seed}, where)
     axes = {"op_sets": op_sets, "F": F if isinstance(F, dict) else None, "seeds": seeds,
             "cost_weight": [float(w) for w in weights] if isinstance(weights, list) else weights}
-    return Stage("search", axes, base_full, _resources(raw.get("resources"), f"{where}.resources"),
+    resources = _resources(raw.get("resources"), f"{where}.resources")
+    if base.get("cost_lut") is not None:  # the trials' device: GPU trials time on CUDA, the others on CPU
+        from nas.lut import read_lut
+
+        lut_device = read_lut(base["cost_lut"], f"{where}.cost_lut:")["device_type"]
+        trial_device = "cuda" if resources.get("gpu", 0) > 0 else "cpu"
+        if lut_device != trial_device:
+            raise _fail(f"{where}.cost_lut", f"the LUT was built for device {lut_device}, but the trials run on "
+                        f"{trial_device} (resources.gpu {resources.get('gpu', 0)}); build one on {trial_device}")
+    return Stage("search", axes, base_full, resources,
                  _positive_int(raw.get("checkpoint_every", 1), f"{where}.checkpoint_every"), alg,
                  _scheduler(raw.get("scheduler"), f"{where}.scheduler", "valid_acc"), first_release)
 
@@ -371,7 +382,7 @@ def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = Fals
         raise ConfigError("a sweep needs a 'search' stage, an 'eval' stage, or both")
     if raw.get("format", SWEEP_FORMAT) != SWEEP_FORMAT:
         raise ConfigError(f"format: this dartsweep writes and reads format {SWEEP_FORMAT}, got {raw['format']!r}")
-    search = _search_stage(raw["search"], dataset, data_dir, first_release) if "search" in raw else None
+    search = _search_stage(raw["search"], dataset, data_dir, base_dir, first_release) if "search" in raw else None
     evaluation = (_eval_stage(raw["eval"], dataset, data_dir, base_dir, search is not None, first_release)
                   if "eval" in raw else None)
     failure = raw.get("failure")
@@ -391,6 +402,8 @@ def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = Fals
     resolved["data_dir"] = data_dir  # the frozen sweep.yaml records absolute paths
     if storage is not None:
         resolved["storage"] = storage
+    if search is not None and search.base.get("cost_lut") is not None:
+        resolved["search"]["cost_lut"] = search.base["cost_lut"]
     resolved["format"] = SWEEP_FORMAT
     return SweepSpec(name, dataset, data_dir, data_transfer, storage, search, evaluation, max_failures, mct,
                      resolved, first_release)

@@ -1,6 +1,8 @@
 """Cost-aware search: the expected-cost term's tables, its gradient, lambda = 0 as plain DARTS, and cells
 that get cheaper as lambda grows (digits, fixed seed)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,9 +50,9 @@ def test_cost_gradient_is_added_exactly():
 
 
 def test_config_checks():
-    with pytest.raises(ConfigError, match="cost_metric: latency needs a per-op latency table"):
+    with pytest.raises(ConfigError, match="cost_metric: latency needs cost_lut: a table from `dartsweep lut build"):
         SearchConfig(dataset="digits", cost_metric="latency", cost_weight=1.0)
-    with pytest.raises(ConfigError, match="cost_metric: must be one of gmac, params"):
+    with pytest.raises(ConfigError, match="cost_metric: must be one of gmac, params, latency"):
         SearchConfig(dataset="digits", cost_metric="flops")
     with pytest.raises(ConfigError, match="cost_weight"):
         SearchConfig(dataset="digits", cost_weight=-1.0)
@@ -102,3 +104,103 @@ def test_lambda_axis_in_a_sweep(tmp_path):
     assert all(Path(d).name.startswith(("search_pibconv_lam0_", "search_pibconv_lam10_")) for d in search.trial_dir)
     evals = trials[trials.stage == "eval"]
     assert set(evals.cost_weight) <= {0.0, 10.0} and evals.cell.str.contains("lambda").all()
+
+
+# ---------------------------------------------------------------------------------------- latency as the cost
+
+SEARCH = dict(op_set="pibconv", dataset="digits", channels=4, layers=3, nodes=2)
+
+
+@pytest.fixture(scope="module")
+def search_lut(tmp_path_factory):
+    """A real table (timed on this CPU, few repeats) for the digits search network: C 4, 3 layers, 8x8."""
+    from nas import lut as lut_lib
+    from nas.io import write_json_atomic
+
+    table = lut_lib.build_lut(OP_SETS["pibconv"], 4, 3, "cpu", repeats=3, image_size=8)
+    path = tmp_path_factory.mktemp("lut") / "lut.json"
+    write_json_atomic(path, table)
+    return path, table
+
+
+def test_latency_costs_are_the_tables_ops_at_each_edge(search_lut):
+    from nas.lut import KEY_SEP
+
+    path, table = search_lut
+    model = SearchNetwork(OP_SETS["pibconv"], 4, 3, 2, 10, 1)
+    term = cost_term(model, "latency", 1.0, (1, 8, 8), str(path), "cpu")
+    prims = OP_SETS["pibconv"].primitives
+    assert term.normal.shape == term.reduce.shape == (5, len(prims))
+    assert (term.normal[:, prims.index("none")] == 0).all() and (term.normal >= 0).all()
+
+    def ms(op, c, stride, h):
+        net = table["ops"][KEY_SEP.join(map(str, (op, c, stride, h)))]
+        return max(0.0, net - table["ops"][KEY_SEP.join(map(str, ("none", c, stride, h)))])
+
+    # layers 3: cells 0 (normal, C 4, 8x8), 1 (reduce, C 8, 8x8 in), 2 (reduce, C 16, 4x4 in)
+    p = prims.index("pib_conv_5x5")
+    assert term.normal[0, p].item() == pytest.approx(ms("pib_conv_5x5", 4, 1, 8))
+    assert term.reduce[0, p].item() == pytest.approx(ms("pib_conv_5x5", 8, 2, 8) + ms("pib_conv_5x5", 16, 2, 4))
+    assert term.reduce[4, p].item() == pytest.approx(ms("pib_conv_5x5", 8, 1, 4) + ms("pib_conv_5x5", 16, 1, 2))
+
+
+def test_latency_cost_search_runs_and_reports_its_expected_cost(search_lut, digits):
+    path, _ = search_lut
+    result = run_search(SearchConfig(**SEARCH, epochs=1, batch_size=32, max_steps_per_epoch=2, cost_metric="latency",
+                                     cost_weight=1.0, cost_lut=str(path)), data=digits, device="cpu")
+    assert 0 < result.history[-1]["expected_cost"] < 2
+
+
+def test_a_lut_for_another_network_is_refused_naming_the_mismatch(search_lut, tmp_path):
+    from nas.io import write_json_atomic
+
+    path, table = search_lut
+    with pytest.raises(ConfigError, match="LUT was built for channels 4, but the search runs at channels 8"):
+        SearchConfig(**{**SEARCH, "channels": 8}, cost_metric="latency", cost_lut=str(path))
+    with pytest.raises(ConfigError, match="LUT was built for layers 3, but the search runs at layers 5"):
+        SearchConfig(**{**SEARCH, "layers": 5}, cost_metric="latency", cost_lut=str(path))
+    with pytest.raises(ConfigError, match="LUT was built for op set pibconv, which lacks sep_conv_3x3"):
+        SearchConfig(**{**SEARCH, "op_set": "darts"}, cost_metric="latency", cost_lut=str(path))
+    with pytest.raises(ConfigError, match="LUT was built for op set pibconv, which has options"):
+        SearchConfig(**SEARCH, bottleneck_ratio=3.0, cost_metric="latency", cost_lut=str(path))
+    with pytest.raises(ConfigError, match="cost_lut: is read only with cost_metric: latency"):
+        SearchConfig(**SEARCH, cost_lut=str(path))
+    with pytest.raises(ConfigError, match="not a readable LUT file"):
+        SearchConfig(**SEARCH, cost_metric="latency", cost_lut=str(tmp_path / "missing.json"))
+    model = SearchNetwork(OP_SETS["pibconv"], 4, 3, 2, 10, 1)
+    with pytest.raises(ConfigError, match="built for device cpu, but the search runs at device cuda"):
+        cost_term(model, "latency", 1.0, (1, 8, 8), str(path), "cuda")
+    with pytest.raises(ConfigError, match="built for image size 8, but the search runs at image size 32"):
+        cost_term(model, "latency", 1.0, (1, 32, 32), str(path), "cpu")
+    gpu_lut = tmp_path / "gpu.json"
+    write_json_atomic(gpu_lut, {**table, "device_type": "cuda"})
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\ndataset: digits\nsearch:\n  op_sets: [pibconv]\n  channels: 4\n  layers: 3\n"
+                     "  nodes: 2\n  cost_metric: latency\n  cost_weight: [0.0, 1.0]\n  cost_lut: gpu.json\n"
+                     "  resources: {cpu: 1, gpu: 0}\n")
+    out = subprocess.run([sys.executable, "-m", "nas.cli", "sweep", "run", str(sweep), "--storage",
+                          str(tmp_path / "results"), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "search.cost_lut" in out.stderr and "built for device cuda, but the trials run on cpu" in out.stderr
+    cli = subprocess.run([sys.executable, "-m", "nas.cli", "search", "--dataset", "digits", "--channels", "4",
+                          "--layers", "3", "--nodes", "2", "--cost-metric", "latency", "--cost-weight", "1",
+                          "--cost-lut", str(gpu_lut), "--device", "cpu", "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and "built for device cuda" in cli.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_file_resolves_its_lut_against_its_folder(search_lut, tmp_path):
+    import shutil
+
+    from sweeps.spec import load_sweep
+
+    path, _ = search_lut
+    (tmp_path / "tables").mkdir()
+    shutil.copy(path, tmp_path / "tables" / "cpu.json")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\ndataset: digits\nsearch:\n  op_sets: [pibconv]\n  channels: 4\n  layers: 3\n"
+                     "  nodes: 2\n  cost_metric: latency\n  cost_weight: [0.0, 1.0]\n  cost_lut: tables/cpu.json\n")
+    spec = load_sweep(sweep)
+    assert spec.search.base["cost_lut"] == str(tmp_path / "tables" / "cpu.json")
+    assert spec.raw["search"]["cost_lut"] == str(tmp_path / "tables" / "cpu.json")  # frozen absolute
