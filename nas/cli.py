@@ -163,9 +163,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--batch: a comma-separated list of batch sizes, got {args.batch!r}") from None
     genotype = load_genotype(args.genotype)
-    from nas.complexity import _check_size
+    from nas.complexity import check_size
 
-    _check_size(args.layers, args.channels)
+    check_size(args.layers, args.channels)
     device = resolve_device(args.device)
     model = EvalNetwork(genotype, args.channels, args.layers, 10, 3, auxiliary=False)
     result = measure_latency(model, (3, 32, 32), device, batches, repeats=args.repeats)
@@ -188,12 +188,12 @@ def cmd_lut(args: argparse.Namespace) -> int:
         print(f"lut: {msg}", file=sys.stderr, flush=True)
 
     if args.lut_command == "build":
-        from nas.complexity import _check_size
+        from nas.complexity import check_size
         from nas.io import write_json_atomic
         from nas.opsets import resolve_op_set
         from nas.train import resolve_device
 
-        _check_size(args.layers, args.channels)
+        check_size(args.layers, args.channels)
         op_set = resolve_op_set(args.op_set, args.F)
         table = lut_lib.build_lut(op_set, args.channels, args.layers, resolve_device(args.device), args.batch,
                                   progress=progress)

@@ -29,7 +29,8 @@ class Complexity:
 MAX_LAYERS = 200
 
 
-def _check_size(layers: int, channels: int) -> None:
+def check_size(layers: int, channels: int) -> None:
+    """Refuse a network size no one means (a typo), before building it."""
     if not 1 <= layers <= MAX_LAYERS:
         raise ConfigError(f"layers must be between 1 and {MAX_LAYERS}, got {layers}")
     if not 1 <= channels <= 1024:
@@ -39,7 +40,7 @@ def _check_size(layers: int, channels: int) -> None:
 def complexity(genotype: Genotype, layers: int, channels: int = 36, num_classes: int = 10,
                in_channels: int = 3, image_size: int = 32) -> Complexity:
     """Params (M) and GMACs (ptflops, pytorch backend) of ``genotype`` evaluated at ``layers`` cells."""
-    _check_size(layers, channels)
+    check_size(layers, channels)
     return _complexity(genotype, layers, channels, num_classes, in_channels, image_size)
 
 
@@ -47,7 +48,7 @@ def search_complexity(op_set: OpSet, layers: int = 8, channels: int = 16, nodes:
                       in_channels: int = 3, image_size: int = 32) -> Complexity:
     """Params (M, alphas excluded) and GMACs of the search network for ``op_set``: one forward pass runs
     every candidate op on every edge."""
-    _check_size(layers, channels)
+    check_size(layers, channels)
     from nas.search_network import SearchNetwork
 
     model = SearchNetwork(op_set, channels, layers, nodes, num_classes, in_channels).eval()
