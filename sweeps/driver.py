@@ -245,6 +245,15 @@ def _ray_init(address: str | None, verbose: int = 1) -> bool:
     return True
 
 
+def _ray_session_name() -> str | None:
+    """The embedded Ray's session name (``session_<date>_<pid>``), which every one of its processes carries
+    on its command line; None where this Ray version does not say (Ray has no public call for it)."""
+    import ray
+
+    name = getattr(getattr(ray._private.worker, "_global_node", None), "session_name", None)
+    return name if isinstance(name, str) and name.startswith("session_") else None
+
+
 def _ray_stop() -> None:
     """Disconnect from Ray, stopping the embedded instance if this process started one.
 
@@ -489,7 +498,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         sweep.write_text(yaml.safe_dump({**spec.raw, "storage": root.location, "format": SWEEP_FORMAT},
                                         sort_keys=False), SWEEP_FILE)
         sweep.write_json({"stages": {}}, STATE_FILE)
-        return _continue(spec, sweep, address, verbose, data)
+        return _continue(spec, sweep, address, verbose, data, lock)
     finally:
         lock.release()
 
@@ -503,7 +512,7 @@ def resume_sweep(location: str | Path, address: str | None = None, verbose: int 
     try:
         state = sweep.read_state().get("stages", {})
         pending = [s.kind for s in (spec.search, spec.eval) if s is not None and state.get(s.kind) != "done"]
-        return _continue(spec, sweep, address, verbose, load_sweep_data(spec) if pending else None)
+        return _continue(spec, sweep, address, verbose, load_sweep_data(spec) if pending else None, lock)
     finally:
         lock.release()
 
@@ -550,7 +559,7 @@ def extend_sweep(location: str | Path, file: str | Path, address: str | None = N
     try:
         data = load_sweep_data(union)
         apply_extension(sweep, old, union)
-        return _continue(sweep.load_spec(), sweep, address, verbose, data)
+        return _continue(sweep.load_spec(), sweep, address, verbose, data, lock)
     finally:
         lock.release()
 
@@ -587,7 +596,7 @@ def load_sweep_data(spec: SweepSpec) -> ImageData | None:
 
 
 def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: int,
-              data: ImageData | None) -> str:
+              data: ImageData | None, lock: Any = None) -> str:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: see README
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from sweeps.console import LOG_FILE, captured_console
@@ -597,6 +606,9 @@ def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: in
         if log is not None and verbose < 2:
             _print(f"Ray's own output: {log}")
         started = _ray_init(address, verbose)
+        session = _ray_session_name() if started and not address and lock is not None else None
+        if session:
+            lock.record_ray_session(session)
         try:
             if address:
                 _warn_cluster_resources(spec)

@@ -78,6 +78,14 @@ class SweepLock:
             self.owner["heartbeat"] = time.time()
             self.sweep.write_json(self.owner, LOCK_FILE)
 
+    def record_ray_session(self, session: str) -> None:
+        """Note the embedded Ray this driver started (its session name and raylet), so that a driver taking
+        over after this one is killed can stop what is left of it (:func:`stop_orphaned_ray`)."""
+        self.owner["ray_session"] = session
+        self.owner["raylet_pid"] = find_raylet(session)
+        if self._still_mine():
+            self.sweep.write_json(self.owner, LOCK_FILE)
+
     def start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="dartsweep-lock", daemon=True)
         self._thread.start()
@@ -118,6 +126,72 @@ def _create_exclusive(sweep: Any, owner: dict[str, Any]) -> bool:
     return True
 
 
+def _proc_text(pid: int, name: str) -> str:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()] if os.path.isdir("/proc") else []
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a dead process its parent has not reaped yet has no command line)."""
+    stat = _proc_text(pid, "stat")
+    return _pid_alive(pid) and not (stat and stat.rsplit(")", 1)[-1].split()[:1] == ["Z"])
+
+
+def find_raylet(session: str) -> int | None:
+    """The pid of this host's raylet of Ray session ``session``, if it runs."""
+    for pid in _pids():
+        cmdline = _proc_text(pid, "cmdline")
+        if session in cmdline and cmdline.split(" ", 1)[0].endswith("/raylet"):
+            return pid
+    return None
+
+
+def ray_processes(session: str, raylet_pid: int | None = None) -> list[int]:
+    """This host's processes of Ray session ``session``: those whose command line names it (GCS, raylet,
+    monitors) and the workers of its raylet (their titles are rewritten to ``ray::...``, but their
+    environment keeps ``RAY_RAYLET_PID``; counted only while that pid is gone or still this session's)."""
+    ours = raylet_pid is not None and (not _running(raylet_pid) or session in _proc_text(raylet_pid, "cmdline"))
+    marker = f"RAY_RAYLET_PID={raylet_pid} "
+    found = []
+    for pid in _pids():
+        if pid == os.getpid():
+            continue
+        if session in _proc_text(pid, "cmdline") or (ours and marker in _proc_text(pid, "environ") + " "):
+            found.append(pid)
+    return found
+
+
+def stop_orphaned_ray(holder: dict[str, Any], say) -> int:
+    """Kill what is left of the embedded Ray of a dead driver on this host: killed alone (``kill -9 PID``,
+    the OOM killer), a driver leaves its Ray's workers training and writing into the sweep folder, racing
+    the driver that resumes it. Returns how many processes were stopped."""
+    import signal
+
+    session = holder.get("ray_session")
+    if not session or holder.get("host") != socket.gethostname():
+        return 0
+    raylet = holder.get("raylet_pid")
+    pids = ray_processes(str(session), int(raylet) if isinstance(raylet, int) else None)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.time() + 10
+    while pids and time.time() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.1)
+    if pids:
+        say(f"stopped {len(pids)} processes left by the gone driver's embedded Ray ({session})")
+    return len(pids)
+
+
 def acquire(sweep: Any, force: bool = False, say=None) -> SweepLock:
     """Take the sweep's lock or raise ConfigError naming the live holder; ``say`` prints notices."""
     say = say or (lambda msg: print(f"[dartsweep] {msg}", file=sys.stderr, flush=True))
@@ -130,8 +204,11 @@ def acquire(sweep: Any, force: bool = False, say=None) -> SweepLock:
             if holder_alive(holder) and not force:
                 raise ConfigError(f"{sweep.location} is being run by another driver ({describe(holder)}); wait "
                                   "for it to finish, or pass --force if it is gone")
-            say(f"taking over the lock of {'a driver that is gone' if not holder_alive(holder) else 'a live driver (--force)'}"
+            gone = not holder_alive(holder)
+            say(f"taking over the lock of {'a driver that is gone' if gone else 'a live driver (--force)'}"
                 f" ({describe(holder)})")
+            if gone:
+                stop_orphaned_ray(holder, say)
             sweep.remove(LOCK_FILE)
         if _create_exclusive(sweep, owner):
             lock = SweepLock(sweep, owner)

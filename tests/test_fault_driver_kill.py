@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from analysis.frames import trial_history
+from sweeps.lock import ray_processes
 from tests.ray_helpers import epochs_of, sweep_file
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,11 @@ def trial_dirs(stage_dir: Path) -> list[Path]:
     return sorted(p for p in stage_dir.glob("eval_*") if (p / "result.json").exists())
 
 
-def test_driver_sigkill_then_resume(tmp_path):
+@pytest.mark.parametrize("kill", ["process_group", "driver_only"])
+def test_driver_sigkill_then_resume(tmp_path, kill):
+    """``process_group``: the driver with its embedded Ray, as a job scheduler kills a job. ``driver_only``:
+    ``kill -9 PID`` or the OOM killer; the embedded Ray's workers outlive it, still training and writing
+    into the sweep folder, and the resumed driver must stop them before it restores the experiment."""
     # DARTS_V2 has no op that uses F: the F list is folded away (4 trials, not 8), and the resumed grid's F
     # comes from Ray's restored sample_from
     raw = sweep_file(tmp_path, "killed", evaluation={"genotypes": ["DARTS_V2"], "layers": [1, 2], "seeds": [0, 1],
@@ -51,10 +56,10 @@ def test_driver_sigkill_then_resume(tmp_path):
                 time.sleep(2.5)  # past one experiment-state save (TUNE_GLOBAL_CHECKPOINT_S=2)
                 finished = {d: (d / "result.json").read_bytes() for d in trial_dirs(stage)
                             if epochs_of(d)[-1:] == [EPOCHS]}
-                # the driver with its embedded Ray, as a job scheduler kills a job: killing the driver
-                # alone leaves that Ray's workers training for a few seconds, racing the resumed driver
-                # (a checkpoint the saved state names deleted under it: see the note on issue 16)
-                os.killpg(driver.pid, signal.SIGKILL)
+                if kill == "process_group":
+                    os.killpg(driver.pid, signal.SIGKILL)
+                else:
+                    os.kill(driver.pid, signal.SIGKILL)
                 break
             time.sleep(0.2)
         driver.wait(30)
@@ -64,10 +69,19 @@ def test_driver_sigkill_then_resume(tmp_path):
         state = json.loads((tmp_path / "killed" / "state.json").read_text())
         assert state["stages"].get("eval") != "done"
 
+        holder = json.loads((tmp_path / "killed" / "driver.lock").read_text())
+        session, raylet = holder.get("ray_session"), holder.get("raylet_pid")
+        assert session and session.startswith("session_") and raylet  # the driver recorded its embedded Ray
+        orphans = ray_processes(session, raylet)
+        if kill == "driver_only":
+            assert orphans, "killed alone, the driver left no Ray processes: this test no longer tests the race"
         resume = subprocess.run(cli("sweep", "resume", str(tmp_path / "killed"), "--verbose", "0"),
                                 capture_output=True, text=True, env=env, timeout=300)
         assert resume.returncode == 0, resume.stderr[-3000:]
         assert "taking over the lock of a driver that is gone" in resume.stderr  # the killed driver's lock
+        if orphans:
+            assert "processes left by the gone driver's embedded Ray" in resume.stderr
+        assert not ray_processes(session, raylet)
         dirs = trial_dirs(stage)
         status = subprocess.run(cli("sweep", "status", str(tmp_path / "killed")), capture_output=True, text=True)
         assert len(dirs) == 4, status.stdout
