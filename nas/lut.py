@@ -6,6 +6,8 @@ network's skeleton (stem, cell preprocessing, node sums and concatenations, head
 edge ``none``). ``predict`` adds a genotype's ops to the skeleton. ``check`` measures random genotypes of
 the op set and compares: Spearman's rank correlation and the median absolute error. A table is only
 valid for its op set options, channels, layers, device, batch and threads; ``predict`` refuses others.
+Ops and networks are timed by their fastest pass (networks over interleaved rounds): on a shared machine
+interference only adds time, and the median drifted 20-30 % between minutes on this project's CI VM.
 """
 
 from __future__ import annotations
@@ -55,10 +57,25 @@ def _positions(channels: int, layers: int, image_size: int, nodes: int = 4) -> s
     return out
 
 
-def _median_ms(module: torch.nn.Module, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
+def _fastest_ms(module: torch.nn.Module, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
+    """The fastest of ``repeats`` timed passes, in ms: on a shared machine interference only ever adds time,
+    so the minimum is the steadiest estimate of what the op itself costs."""
     from nas.latency import timed_passes
 
-    return 1e3 * statistics.median(timed_passes(module.eval(), x, repeats, warmup))
+    return 1e3 * min(timed_passes(module.eval(), x, repeats, warmup))
+
+
+def _interleaved_fastest_ms(models: list[torch.nn.Module], x: torch.Tensor, rounds: int,
+                            passes: int) -> list[float]:
+    """Each model's fastest pass over ``rounds`` rounds that time every model ``passes`` times in turn, so a
+    machine that slows down for a while slows every model alike instead of the ones timed then."""
+    from nas.latency import timed_passes
+
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for i, model in enumerate(models):
+            times[i] += timed_passes(model.eval(), x, passes, warmup=2)
+    return [1e3 * min(t) for t in times]
 
 
 def _input(c: int, h: int, batch: int, device: torch.device) -> torch.Tensor:
@@ -72,18 +89,17 @@ def skeleton(op_set: OpSet, nodes: int = 4) -> Genotype:
     return Genotype(edges, concat, edges, concat, op_set.options, name="skeleton")
 
 
-def _network_ms(genotype: Genotype, channels: int, layers: int, batch: int, device: torch.device,
-                repeats: int, in_channels: int = 3, image_size: int = 32) -> float:
+def _network(genotype: Genotype, channels: int, layers: int, device: torch.device, in_channels: int = 3):
     from nas.eval_network import EvalNetwork
 
     model = EvalNetwork(genotype, channels, layers, 10, in_channels, auxiliary=False).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    return _median_ms(model, _input(in_channels, image_size, batch, device), repeats)
+    return model.to(memory_format=torch.channels_last).eval()
 
 
 def build_lut(op_set: OpSet, channels: int, layers: int, device: str | torch.device = "cpu", batch: int = 1,
-              repeats: int = 20, image_size: int = 32, progress=None) -> dict[str, Any]:
-    """Time every op of ``op_set`` at every position of the network, and its skeleton."""
+              repeats: int = 30, image_size: int = 32, progress=None) -> dict[str, Any]:
+    """Time every op of ``op_set`` at every position of the network (the fastest of ``repeats`` passes),
+    and its skeleton."""
     device = torch.device(device)
     ops: dict[str, float] = {}
     positions = sorted(_positions(channels, layers, image_size))
@@ -91,33 +107,38 @@ def build_lut(op_set: OpSet, channels: int, layers: int, device: str | torch.dev
         x = _input(c, h, batch, device)
         for name in op_set.primitives:
             module = build_op(name, c, stride, True, op_set.options).to(device).to(memory_format=torch.channels_last)
-            ops[KEY_SEP.join(map(str, (name, c, stride, h)))] = _median_ms(module, x, repeats)
+            ops[KEY_SEP.join(map(str, (name, c, stride, h)))] = _fastest_ms(module, x, repeats)
         if progress:
             progress(f"position {i + 1}/{len(positions)}: C={c} stride={stride} {h}x{h}")
     from nas.latency import device_name
 
+    skeleton_net = _network(skeleton(op_set), channels, layers, device)
     return {"op_set": op_set.id, "op_set_spec": op_set.to_dict(), "channels": channels, "layers": layers,
             "image_size": image_size, "batch": batch, "device": device_name(device), "device_type": device.type,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
-            "skeleton_ms": _network_ms(skeleton(op_set), channels, layers, batch, device, repeats,
-                                       image_size=image_size),
+            "statistic": "fastest pass",
+            "skeleton_ms": _fastest_ms(skeleton_net, _input(3, image_size, batch, device), repeats),
             "ops": ops, "scale": 1.0}
 
 
 CALIBRATION_SEED = 1_000_003  # not a seed ``check`` uses by default
 
 
-def calibrate(lut: dict[str, Any], count: int = 3, progress=None) -> dict[str, Any]:
+def calibrate(lut: dict[str, Any], count: int = 5, rounds: int = 6, passes: int = 10,
+              progress=None) -> dict[str, Any]:
     """Fit the table's ``scale``: ops timed alone run with warm caches and come out faster than inside a
-    network (about 20 % at C 36, 10 layers on 2 CPU cores), so predictions scale the ops' sum by the median
-    ratio measured on ``count`` random genotypes (their own seed, never the check's)."""
+    network, so predictions scale the ops' sum by the median ratio measured on ``count`` random genotypes
+    (their own seed, never the check's). The skeleton is timed again in the same interleaved rounds, so the
+    two sides of the ratio see the machine alike."""
+    genotypes = _random_genotypes(lut, count, CALIBRATION_SEED)
+    measured = _measure(lut, [skeleton(OpSet.from_dict(lut["op_set_spec"]))] + genotypes, lut["device_type"],
+                        rounds, passes, progress, "calibration")
+    skeleton_ms, measured = measured[0], measured[1:]
     ratios = []
-    for i, (g, measured) in enumerate(_measured_random(lut, count, CALIBRATION_SEED, lut["device_type"])):
+    for g, ms in zip(genotypes, measured):
         ops = _ops_ms({**lut, "scale": 1.0}, g)
-        ratios.append((measured - lut["skeleton_ms"]) / ops if ops > 0 else 1.0)
-        if progress:
-            progress(f"calibration {i + 1}/{count}: measured {measured:.2f} ms, ops alone {ops:.2f} ms")
-    return {**lut, "scale": float(statistics.median(ratios))}
+        ratios.append((ms - skeleton_ms) / ops if ops > 0 else 1.0)
+    return {**lut, "skeleton_ms": skeleton_ms, "scale": float(statistics.median(ratios))}
 
 
 def check_compatible(lut: dict[str, Any], genotype: Genotype, channels: int | None = None,
@@ -161,31 +182,38 @@ def random_genotype(op_set: OpSet, rng: random.Random, nodes: int = 4) -> Genoty
     return Genotype(cell(), concat, cell(), concat, op_set.options)
 
 
-def _measured_random(lut: dict[str, Any], count: int, seed: int, device: str | torch.device):
-    """(genotype, measured ms) for ``count`` random genotypes of the table's op set, in the table's setting."""
+def _random_genotypes(lut: dict[str, Any], count: int, seed: int) -> list[Genotype]:
     op_set = OpSet.from_dict(lut["op_set_spec"])
     rng = random.Random(seed)
-    for _ in range(count):
-        g = random_genotype(op_set, rng)
-        yield g, _network_ms(g, lut["channels"], lut["layers"], lut["batch"], torch.device(device), lut["repeats"],
-                             image_size=lut["image_size"])
+    return [random_genotype(op_set, rng) for _ in range(count)]
+
+
+def _measure(lut: dict[str, Any], genotypes: list[Genotype], device: str | torch.device, rounds: int, passes: int,
+             progress=None, what: str = "check") -> list[float]:
+    """Each genotype's network in the table's setting, timed in interleaved rounds (fastest pass, ms)."""
+    device = torch.device(device)
+    models = [_network(g, lut["channels"], lut["layers"], device) for g in genotypes]
+    x = _input(3, lut["image_size"], lut["batch"], device)
+    if progress:
+        progress(f"{what}: timing {len(models)} networks, {rounds} interleaved rounds of {passes} passes")
+    return _interleaved_fastest_ms(models, x, rounds, passes)
 
 
 def check(lut: dict[str, Any], count: int = 10, seed: int = 0, device: str | torch.device | None = None,
-          progress=None) -> dict[str, Any]:
-    """Predicted against measured latency for ``count`` random genotypes of the table's op set."""
+          rounds: int = 6, passes: int = 10, progress=None) -> dict[str, Any]:
+    """Predicted against measured latency (fastest pass over interleaved rounds) for ``count`` random
+    genotypes of the table's op set: Spearman's rank correlation and the median absolute error."""
     import pandas as pd
 
-    rows = []
-    for i, (g, measured) in enumerate(_measured_random(lut, count, seed, device or lut["device_type"])):
-        rows.append({"genotype": g.id, "predicted_ms": predict(lut, g), "measured_ms": measured})
-        if progress:
-            progress(f"genotype {i + 1}/{count}: predicted {rows[-1]['predicted_ms']:.2f} ms, measured "
-                     f"{measured:.2f} ms")
+    genotypes = _random_genotypes(lut, count, seed)
+    measured = _measure(lut, genotypes, device or lut["device_type"], rounds, passes, progress)
+    rows = [{"genotype": g.id, "predicted_ms": predict(lut, g), "measured_ms": ms}
+            for g, ms in zip(genotypes, measured)]
     frame = pd.DataFrame(rows)
     errors = (frame.predicted_ms - frame.measured_ms).abs() / frame.measured_ms
     return {"genotypes": rows, "spearman": float(frame.predicted_ms.corr(frame.measured_ms, method="spearman")),
-            "median_abs_error": float(errors.median()), "count": count, "seed": seed}
+            "median_abs_error": float(errors.median()), "count": count, "seed": seed, "rounds": rounds,
+            "passes": passes}
 
 
 def read_lut(path: str, where: str = "--lut") -> dict[str, Any]:
