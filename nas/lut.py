@@ -206,14 +206,20 @@ def check(lut: dict[str, Any], count: int = 10, seed: int = 0, device: str | tor
     import pandas as pd
 
     genotypes = _random_genotypes(lut, count, seed)
-    measured = _measure(lut, genotypes, device or lut["device_type"], rounds, passes, progress)
+    op_set = OpSet.from_dict(lut["op_set_spec"])
+    skeleton_ms, *measured = _measure(lut, [skeleton(op_set)] + genotypes, device or lut["device_type"], rounds,
+                                      passes, progress)
     rows = [{"genotype": g.id, "predicted_ms": predict(lut, g), "measured_ms": ms}
             for g, ms in zip(genotypes, measured)]
     frame = pd.DataFrame(rows)
     errors = (frame.predicted_ms - frame.measured_ms).abs() / frame.measured_ms
+    # the machine's speed now against when the table was built, from the skeleton timed in the same rounds
+    speed = skeleton_ms / lut["skeleton_ms"]
+    adjusted = (speed * frame.predicted_ms - frame.measured_ms).abs() / frame.measured_ms
     return {"genotypes": rows, "spearman": float(frame.predicted_ms.corr(frame.measured_ms, method="spearman")),
-            "median_abs_error": float(errors.median()), "count": count, "seed": seed, "rounds": rounds,
-            "passes": passes}
+            "median_abs_error": float(errors.median()), "machine_speed": float(speed),
+            "median_abs_error_at_build_speed": float(adjusted.median()), "count": count, "seed": seed,
+            "rounds": rounds, "passes": passes}
 
 
 def read_lut(path: str, where: str = "--lut") -> dict[str, Any]:

@@ -60,6 +60,11 @@ def test_lut_build_predict_check_and_mismatches(tmp_path):
     assert table["scale"] > 0
     result = lut_lib.check(table, count=3, seed=5)
     assert result["count"] == 3 and -1 <= result["spearman"] <= 1 and result["median_abs_error"] >= 0
+    assert result["machine_speed"] > 0 and result["median_abs_error_at_build_speed"] >= 0
+    rows = result["genotypes"]
+    speed_scaled = sorted(abs(result["machine_speed"] * r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"]
+                          for r in rows)
+    assert result["median_abs_error_at_build_speed"] == pytest.approx(speed_scaled[1])  # the median of three
     with pytest.raises(ConfigError, match="lacks sep_conv_3x3"):
         lut_lib.predict(table, DARTS_V2)
     with pytest.raises(ConfigError, match="options"):
