@@ -610,7 +610,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-cells", action="store_true", help="fast side with per-cell checkpointing")
     p.add_argument("--no-keep-memory", action="store_true",
                    help="CPU: fast side with glibc's default malloc trimming (see nas.train.keep_freed_memory)")
-    p.add_argument("--no-amp", action="store_true", help="CUDA: fast side in float32 (TF32 matmuls and convs)")
+    p.add_argument("--no-amp", action="store_true", help="CUDA: fast side in float32 (cuDNN's TF32 convs)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA: fast side replays each step as a captured CUDA graph (nas.graphs)")
     p.add_argument("--trials", default="1,2,4,8", help="pack: trial counts to run at once (default 1,2,4,8)")

@@ -227,9 +227,9 @@ def weight_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], lo
     """Clip and apply ``loss``'s gradients. They come from ``autograd.grad`` and are handed to the optimiser
     as they are, rather than accumulated into ``.grad`` by ``backward()``: the same values without a
     dispatch (a host-side launch on CUDA) per parameter, of which the search network has over a thousand."""
-    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
     for p, g in zip(params, grads):
-        p.grad = g
+        p.grad = g  # None for a parameter the loss does not use: the optimiser skips it, as after backward()
     nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     optimizer.step()
 

@@ -304,3 +304,30 @@ def test_resume_accepts_a_checkpoint_from_before_a_new_setting(digits):
     eval_config = EvalConfig(dataset="digits", epochs=1).to_dict()
     _check_resume({"phase": "eval", "config": {k: v for k, v in eval_config.items() if k != "latency"}}, "eval",
                   eval_config)
+
+
+def test_weight_step_equals_backward_then_step():
+    """``nas.train.weight_step`` hands autograd.grad's gradients to the optimiser instead of calling
+    backward(): the same update, bit for bit, and a parameter the loss does not use is left alone."""
+    from nas.train import weight_step
+
+    updated = []
+    for use_weight_step in (False, True):
+        torch.manual_seed(0)
+        model = SearchNetwork(OpSet(("none", "skip_connect", "pib_conv_3x3", "max_pool_3x3")), 4, 2, 2, 3, 1)
+        unused = torch.nn.Parameter(torch.ones(3))
+        params = model.weights() + [unused]
+        opt = torch.optim.SGD(params, 0.1, momentum=0.9, weight_decay=3e-4, foreach=True)
+        x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            if use_weight_step:
+                weight_step(opt, params, loss, 0.5)
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 0.5, foreach=True)
+                opt.step()
+        assert unused.grad is None and torch.equal(unused, torch.ones(3))
+        updated.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*updated))
