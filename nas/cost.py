@@ -27,14 +27,11 @@ COST_METRICS = ("gmac", "params", "latency")
 class CostTerm:
     """Per-(edge, op) costs of the normal and reduction cells (summed over the cells of each kind)."""
 
-    normal: torch.Tensor  # (edges, ops)
+    normal: torch.Tensor  # (edges, ops), on the alphas' device
     reduce: torch.Tensor
     metric: str
     weight: float
-
-    @property
-    def uniform(self) -> float:
-        return float(self.normal.mean(1).sum() + self.reduce.mean(1).sum())
+    uniform: float  # E[cost] at uniform weights, a plain number: the term reads nothing back from the device
 
     def expected(self, alpha_normal: torch.Tensor, alpha_reduce: torch.Tensor) -> torch.Tensor:
         """E[cost] under softmax(alpha), divided by its value at uniform weights."""
@@ -107,6 +104,9 @@ def cost_term(model, metric: str, weight: float, input_shape: tuple[int, int, in
         channels = model.cells[0].pre1.op[1].out_channels
         check_search_compatible(lut, model.op_set, channels, len(model.cells), device, input_shape[1])
         normal, reduce = search_costs(lut, model)
-        return CostTerm(normal, reduce, metric, float(weight))
-    normal, reduce = op_costs(model, metric, input_shape)
-    return CostTerm(normal, reduce, metric, float(weight))
+    else:
+        normal, reduce = op_costs(model, metric, input_shape)
+    # on the alphas' device once (no host-to-device copy in every step, which a CUDA graph could not capture)
+    device = model.alpha_normal.device
+    return CostTerm(normal.to(device), reduce.to(device), metric, float(weight),
+                    float(normal.mean(1).sum() + reduce.mean(1).sum()))

@@ -63,7 +63,9 @@ class GraphedStep:
     def _warm(self, inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # a capturable optimiser warns when it steps uncaptured: here it is warming up for the capture
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
             out = self.step(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         return out
