@@ -79,7 +79,7 @@ def test_driver_sigkill_then_resume(tmp_path, kill):
                                 capture_output=True, text=True, env=env, timeout=300)
         assert resume.returncode == 0, resume.stderr[-3000:]
         assert "taking over the lock of a driver that is gone" in resume.stderr  # the killed driver's lock
-        if orphans:
+        if kill == "driver_only":  # its Ray's agents outlive it for good, its workers for a second or two
             assert "processes left by the gone driver's embedded Ray" in resume.stderr
         assert not ray_processes(session, raylet)
         dirs = trial_dirs(stage)
