@@ -353,6 +353,29 @@ def resolve_path(value: Any, base_dir: Path, where: str) -> str:
     return str((base_dir / Path(value).expanduser()).resolve())
 
 
+COST_KEYS = {"metric": "cost_metric", "weight": "cost_weight", "lut": "cost_lut"}
+
+
+def _flatten_cost(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``search.cost: {metric, weight, lut}`` as the search settings it spells (cost_metric, cost_weight:
+    one lambda or a list of them, an axis; cost_lut), so the frozen sweep.yaml holds one spelling."""
+    search = raw.get("search")
+    if not isinstance(search, Mapping) or "cost" not in search:
+        return dict(raw)
+    cost, where = search["cost"], "search.cost"
+    if not isinstance(cost, Mapping):
+        raise _fail(where, f"must be a mapping like {{metric: gmac, weight: [0, 0.5]}}, got {cost!r}")
+    unknown = sorted(set(cost) - set(COST_KEYS))
+    if unknown:
+        raise _fail(where, f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: lut, metric, weight")
+    clash = sorted(COST_KEYS[k] for k in cost if COST_KEYS[k] in search)
+    if clash:
+        raise _fail(where, f"also given as {', '.join(clash)}; use one spelling")
+    flat = {k: v for k, v in search.items() if k != "cost"}
+    flat.update({COST_KEYS[k]: v for k, v in cost.items()})
+    return {**raw, "search": flat}
+
+
 def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = False) -> SweepSpec:
     """Validate a parsed sweep file; relative paths in it (data_dir, storage, genotype files) resolve
     against ``base_dir``, the sweep file's folder. ``first_release``: a frozen sweep.yaml written by the
@@ -362,6 +385,7 @@ def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = Fals
     unknown = sorted(set(raw) - TOP_KEYS)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}")
+    raw = _flatten_cost(raw)
     if not isinstance(raw.get("description", ""), str):
         raise ConfigError(f"description: must be a string, got {raw['description']!r}")
     name = raw.get("name")

@@ -204,3 +204,27 @@ def test_a_sweep_file_resolves_its_lut_against_its_folder(search_lut, tmp_path):
     spec = load_sweep(sweep)
     assert spec.search.base["cost_lut"] == str(tmp_path / "tables" / "cpu.json")
     assert spec.raw["search"]["cost_lut"] == str(tmp_path / "tables" / "cpu.json")  # frozen absolute
+
+
+def test_a_sweep_file_may_spell_the_cost_as_one_mapping(tmp_path):
+    """``search.cost: {metric, weight, lut}``: the same search settings as the flat keys; the frozen file
+    holds the flat ones; bad shapes and a key given both ways are one-line errors."""
+    from sweeps.spec import load_sweep
+
+    body = "name: s\ndataset: digits\nsearch:\n  op_sets: [pibconv]\n  channels: 4\n  layers: 3\n  nodes: 2\n"
+    nested, flat = tmp_path / "nested.yaml", tmp_path / "flat.yaml"
+    nested.write_text(body + "  cost: {metric: params, weight: [0.0, 0.5]}\n")
+    flat.write_text(body + "  cost_metric: params\n  cost_weight: [0.0, 0.5]\n")
+    a, b = load_sweep(nested), load_sweep(flat)
+    assert a.search.axes["cost_weight"] == b.search.axes["cost_weight"] == [0.0, 0.5]
+    assert a.search.base == b.search.base and a.search.base["cost_metric"] == "params"
+    assert "cost" not in a.raw["search"] and a.raw["search"]["cost_weight"] == [0.0, 0.5]
+    assert a.raw == b.raw  # the frozen sweep.yaml holds one spelling
+    for extra, message in (("  cost: 0.5\n", "search.cost: must be a mapping"),
+                           ("  cost: {metric: gmac, lamda: 1}\n", "search.cost: unknown key(s) 'lamda'"),
+                           ("  cost: {weight: 1}\n  cost_weight: [0, 1]\n", "also given as cost_weight"),
+                           ("  cost: {metric: flops, weight: 1}\n", "cost_metric: must be one of gmac, params")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(body + extra)
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_sweep(bad)
