@@ -196,7 +196,7 @@ def cmd_lut(args: argparse.Namespace) -> int:
         check_size(args.layers, args.channels)
         op_set = resolve_op_set(args.op_set, args.F)
         table = lut_lib.build_lut(op_set, args.channels, args.layers, resolve_device(args.device), args.batch,
-                                  progress=progress)
+                                  image_size=args.image_size, progress=progress)
         table = lut_lib.calibrate(table, progress=progress)
         write_json_atomic(Path(args.out), table)
         print(f"{len(table['ops'])} op timings, the skeleton ({table['skeleton_ms']:.2f} ms) and scale "
@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_positive_int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--image-size", type=_positive_int, default=32,
+                   help="the network's input size (32: CIFAR; 8: digits)")
     p.add_argument("--out", default="lut.json")
     p.set_defaults(func=cmd_lut)
     p = lut.add_parser("predict", help="a genotype's latency from a LUT")

@@ -228,3 +228,18 @@ def test_a_sweep_file_may_spell_the_cost_as_one_mapping(tmp_path):
         bad.write_text(body + extra)
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             load_sweep(bad)
+
+
+def test_lut_build_cli_builds_for_the_search_networks_input_size(tmp_path):
+    """``dartsweep lut build --image-size 8``: a table for a digits search network (8x8 inputs), which the
+    latency cost then accepts."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "nas.cli", "lut", "build", "--op-set", "pibconv", "--channels", "4",
+                          "--layers", "3", "--image-size", "8", "--out", str(tmp_path / "lut.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    table = json.loads((tmp_path / "lut.json").read_text())
+    assert table["image_size"] == 8 and {k.split("|")[3] for k in table["ops"]} == {"8", "4", "2"}
+    model = SearchNetwork(OP_SETS["pibconv"], 4, 3, 2, 10, 1)
+    assert cost_term(model, "latency", 1.0, (1, 8, 8), str(tmp_path / "lut.json"), "cpu").normal.sum() > 0
