@@ -79,8 +79,8 @@ def test_driver_sigkill_then_resume(tmp_path, kill="driver_only"):
                                 capture_output=True, text=True, env=env, timeout=300)
         assert resume.returncode == 0, resume.stderr[-3000:]
         assert "taking over the lock of a driver that is gone" in resume.stderr  # the killed driver's lock
-        if kill == "driver_only":  # its Ray's agents outlive it for good, its workers for a second or two
-            assert "processes left by the gone driver's embedded Ray" in resume.stderr
+        # the workers outlive the driver by a second or two: gone by now, on their own or stopped by the
+        # resumed driver (which says so; tests/test_sweep_lifecycle.py stops stand-ins deterministically)
         assert not ray_processes(session, raylet)
         dirs = trial_dirs(stage)
         status = subprocess.run(cli("sweep", "status", str(tmp_path / "killed")), capture_output=True, text=True)

@@ -141,3 +141,36 @@ def test_optuna_study_lives_in_the_sweep_and_survives_a_driver_kill(tmp_path):
         [(t.number, t.params, t.values) for t in before]
     configs = sorted(json.loads((p / "params.json").read_text())["layers"] for p in started(stage))
     assert sorted(t.params["layers"] for t in complete) == configs
+
+
+def test_taking_over_a_dead_drivers_lock_stops_its_rays_leftovers():
+    """What a killed driver's embedded Ray leaves behind, stood in for by sleeping processes: one naming the
+    session on its command line (as its GCS and raylet do), one whose title says nothing but whose
+    environment names the gone raylet (as its workers). Both are stopped; a bystander is not; another
+    host's lock stops nothing here."""
+    import socket
+
+    from sweeps.lock import ray_processes, stop_orphaned_ray
+
+    session = "session_2099-01-01_00-00-00_000000_1"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+    named = subprocess.Popen(sleep + [f"--session-dir=/tmp/ray/{session}"])
+    worker = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(gone.pid)})
+    bystander = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": f"{gone.pid}1"})
+    try:
+        time.sleep(0.5)  # let them exec
+        assert sorted(ray_processes(session, gone.pid)) == sorted([named.pid, worker.pid])
+        elsewhere = {"host": "another-host", "ray_session": session, "raylet_pid": gone.pid}
+        assert stop_orphaned_ray(elsewhere, print) == 0 and named.poll() is None
+        said = []
+        holder = {"host": socket.gethostname(), "ray_session": session, "raylet_pid": gone.pid}
+        assert stop_orphaned_ray(holder, said.append) == 2
+        assert named.wait(5) == -signal.SIGKILL and worker.wait(5) == -signal.SIGKILL
+        assert bystander.poll() is None
+        assert said == [f"stopped 2 processes left by the gone driver's embedded Ray ({session})"]
+    finally:
+        for p in (named, worker, bystander):
+            p.kill()
+            p.wait()
