@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nas.ops import FactorizedReduce, LayerNorm2d, UnevenGroupedConv2d
+from nas.ops import FactorizedReduce, LayerNorm2d, UnevenGroupedConv2d, shifted_by_one
 
 _ACTIVATIONS = (nn.ReLU, nn.GELU)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
@@ -183,9 +183,7 @@ def _stacked_factorized_reduce(x: torch.Tensor, reduces: Sequence[FactorizedRedu
     1x1 convs of all members as two convs, their halves interleaved per member, then one norm)."""
     first, members = reduces[0], len(reduces)
     a = _activate(x, first.act, x, activated)
-    shifted = a[:, :, 1:, 1:]
-    if a.shape[2] % 2 or a.shape[3] % 2:
-        shifted = F.pad(shifted, (0, a.shape[3] % 2, 0, a.shape[2] % 2))
+    shifted = shifted_by_one(a)  # first, as FactorizedReduce.darts_forward does (the gradient's layout)
     even = _stacked_conv(a, True, [r.conv_1 for r in reduces])
     odd = _stacked_conv(shifted, True, [r.conv_2 for r in reduces])
     n, _, h, w = even.shape

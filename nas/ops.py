@@ -161,10 +161,17 @@ class FactorizedReduce(nn.Module):
     def darts_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same function as DARTS computes it: activate the whole map, then the two strided convs."""
         x = self.act(x)
-        shifted = x[:, :, 1:, 1:]
-        if x.shape[2] % 2 or x.shape[3] % 2:
-            shifted = F.pad(shifted, (0, x.shape[3] % 2, 0, x.shape[2] % 2))
+        shifted = shifted_by_one(x)  # before conv_1: x's gradient then keeps conv_1's (the input's) layout
         return self.norm(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+def shifted_by_one(x: torch.Tensor) -> torch.Tensor:
+    """``x`` without its first row and column, zero-padded at the end where the map is odd: the input of
+    FactorizedReduce's second stride-2 conv, which so reads the odd pixels."""
+    shifted = x[:, :, 1:, 1:]
+    if x.shape[2] % 2 or x.shape[3] % 2:
+        shifted = F.pad(shifted, (0, x.shape[3] % 2, 0, x.shape[2] % 2))
+    return shifted
 
 
 class ActConvNorm(nn.Module):
