@@ -17,7 +17,7 @@ import math
 import random
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -141,20 +141,41 @@ def calibrate(lut: dict[str, Any], count: int = 5, rounds: int = 6, passes: int 
     return {**lut, "skeleton_ms": skeleton_ms, "scale": float(statistics.median(ratios))}
 
 
+_SETTINGS = {"channels": "channels", "layers": "layers", "device": "device_type", "image size": "image_size"}
+
+
+def _mismatch(lut: dict[str, Any], primitives: Iterable[str], options: Any,
+              settings: dict[str, Any]) -> tuple | None:
+    """How the table differs from what it is asked for, the first way found: ("lacks", missing primitives),
+    ("options", the table's options) or (setting, the table's value, the value asked); None where it fits.
+    Settings asked as None are not compared."""
+    spec = OpSet.from_dict(lut["op_set_spec"])
+    missing = sorted(set(primitives) - set(spec.primitives))
+    if missing:
+        return ("lacks", missing)
+    if options != spec.options:
+        return ("options", spec.options)
+    for what, want in settings.items():
+        have = lut[_SETTINGS[what]]
+        if want is not None and want != have:
+            return (what, have, want)
+    return None
+
+
 def check_compatible(lut: dict[str, Any], genotype: Genotype, channels: int | None = None,
                      layers: int | None = None, device: str | None = None) -> None:
     """Refuse a genotype or setting the table was not built for, naming the mismatch."""
-    spec = OpSet.from_dict(lut["op_set_spec"])
-    missing = sorted(genotype.primitives - set(spec.primitives))
-    if missing:
-        raise ConfigError(f"the LUT was built for op set {lut['op_set']}, which lacks {', '.join(missing)}")
-    if genotype.options != spec.options:
-        raise ConfigError(f"the LUT was built for op set {lut['op_set']} (options {spec.options}); the genotype's "
+    found = _mismatch(lut, genotype.primitives, genotype.options,
+                      {"channels": channels, "layers": layers, "device": device})
+    if found is None:
+        return
+    if found[0] == "lacks":
+        raise ConfigError(f"the LUT was built for op set {lut['op_set']}, which lacks {', '.join(found[1])}")
+    if found[0] == "options":
+        raise ConfigError(f"the LUT was built for op set {lut['op_set']} (options {found[1]}); the genotype's "
                           f"options are {genotype.options}: build a LUT for them")
-    for what, want, have in (("channels", channels, lut["channels"]), ("layers", layers, lut["layers"]),
-                             ("device", device, lut["device_type"])):
-        if want is not None and want != have:
-            raise ConfigError(f"the LUT was built for {what} {have}, not {want}; build one for {want}")
+    what, have, want = found
+    raise ConfigError(f"the LUT was built for {what} {have}, not {want}; build one for {want}")
 
 
 def _ops_ms(lut: dict[str, Any], genotype: Genotype) -> float:
@@ -239,17 +260,18 @@ def check_search_compatible(lut: dict[str, Any], op_set: OpSet, channels: int, l
                             device: str | None = None, image_size: int | None = None) -> None:
     """Refuse a table that was not built for this search network: another op set (primitives or options,
     F included), channel count, layer count, device type or image size; the message names the mismatch."""
-    spec = OpSet.from_dict(lut["op_set_spec"])
-    missing = [p for p in op_set.primitives if p not in spec.primitives]
-    if missing or spec.options != op_set.options:
-        what = f"lacks {', '.join(missing)}" if missing else f"has options {spec.options}, not {op_set.options}"
+    found = _mismatch(lut, op_set.primitives, op_set.options,
+                      {"channels": channels, "layers": layers, "device": device, "image size": image_size})
+    if found is None:
+        return
+    if found[0] in ("lacks", "options"):
+        what = (f"lacks {', '.join(found[1])}" if found[0] == "lacks"
+                else f"has options {found[1]}, not {op_set.options}")
         raise ConfigError(f"cost_lut: the LUT was built for op set {lut['op_set']}, which {what}; build one with "
                           f"`dartsweep lut build --op-set ... --channels {channels} --layers {layers}`")
-    for what, want, have in (("channels", channels, lut["channels"]), ("layers", layers, lut["layers"]),
-                             ("device", device, lut["device_type"]), ("image size", image_size, lut["image_size"])):
-        if want is not None and want != have:
-            raise ConfigError(f"cost_lut: the LUT was built for {what} {have}, but the search runs at {what} "
-                              f"{want}; build one for {want}")
+    what, have, want = found
+    raise ConfigError(f"cost_lut: the LUT was built for {what} {have}, but the search runs at {what} {want}; "
+                      f"build one for {want}")
 
 
 def search_costs(lut: dict[str, Any], model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
