@@ -257,30 +257,31 @@ class StackedCell(nn.Module):
             edge_ids = [offsets[node] + source for node in range(self.first_target[source], nodes)]
             ops = edges[edge_ids[0]].ops
             by_signature: dict[tuple, list[int]] = {}
+            alone = []  # ops with no stacked form: each its own family
             for position, op in enumerate(ops):
                 sig = signature(op)
-                by_signature.setdefault(sig if sig is not None else ("alone", position), []).append(position)
-            families, shared_index, stacked_index = [], [], []
-            for sig, positions in by_signature.items():
-                stackable = not (sig and sig[0] == "alone")
+                if sig is None:
+                    alone.append(position)
+                else:
+                    by_signature.setdefault(sig, []).append(position)
+            families = []
+            for positions, stackable in [(p, True) for p in by_signature.values()] + [([p], False) for p in alone]:
                 chains = tuple(tuple(layers_of(edges[e].ops[p])) if stackable else (edges[e].ops[p],)
                                for p in positions for e in edge_ids)
                 shared = stackable and all(isinstance(layer, _ACTIVATIONS + _POOLS) for layer in chains[0])
-                families.append(_Family(chains, len(positions), stackable, shared))
                 index = [e * num_primitives + edges[e].index[p] for p in positions for e in edge_ids]
-                (shared_index if shared else stacked_index).append(index)
+                families.append((_Family(chains, len(positions), stackable, shared), index))
             # stacked families first, then the shared ones, each family's weights op-major, edge-minor
-            families.sort(key=lambda f: f.shared)
-            self.families.append(families)
-            for family in families:
+            families.sort(key=lambda pair: pair[0].shared)
+            self.families.append([family for family, _ in families])
+            for family, _ in families:
                 if family.stackable and not family.shared:
                     for position, layer in enumerate(family.chains[0]):
                         if isinstance(layer, nn.BatchNorm2d):
                             self.norm_groups.append([chain[position] for chain in family.chains])
                         elif isinstance(layer, FactorizedReduce) and isinstance(layer.norm, nn.BatchNorm2d):
                             self.norm_groups.append([chain[position].norm for chain in family.chains])
-            self.register_buffer(f"weight_index_{source}",
-                                 torch.tensor([i for index in stacked_index + shared_index for i in index]),
+            self.register_buffer(f"weight_index_{source}", torch.tensor([i for _, index in families for i in index]),
                                  persistent=False)
 
     def _source(self, source: int, x: torch.Tensor, weights: torch.Tensor, running: dict) -> torch.Tensor:
