@@ -22,11 +22,7 @@ $(BIN)/dartsweep: pyproject.toml
 install: $(BIN)/dartsweep
 
 quickstart: install
-	@if [ -f results/quickstart/sweep.yaml ]; then \
-		$(BIN)/dartsweep sweep resume results/quickstart; \
-	else \
-		$(BIN)/dartsweep sweep run quickstart --storage ./results; \
-	fi
+	$(BIN)/dartsweep sweep up quickstart --storage ./results
 	$(BIN)/dartsweep sweep status results/quickstart
 	@echo "Next: $(BIN)/dartsweep analyze results/quickstart"
 

@@ -21,7 +21,11 @@ params_m, gmac      eval: parameters (M, auxiliary head excluded) and GMACs of t
 latency_ms          eval: median forward latency at batch 1 on the trial's device (``nas.latency``)
 throughput_img_s    eval: forward images/s at the training batch size; ``device``: where measured
 wall_time_s         seconds of training reported (sum of epoch times)
-error               first line of the error (error.txt, or the divergence message)
+error               first line of the error (error.txt, or the divergence message), or why the trial
+                    stopped early (the scheduler, or the search's own criteria)
+stop_reason         search: why it stopped itself (``settled: ...`` / ``collapsed: ...``), else ''
+epochs_saved        search stopped early: epochs configured minus epochs run; ``hours_saved``: those at
+                    the trial's mean epoch time (device-hours times its device share)
 trial_dir           the trial's folder
 ==================  =====================================================================================
 
@@ -41,12 +45,14 @@ from typing import Any
 import pandas as pd
 
 from nas.errors import ConfigError
+from sweeps.checkpoints import newest_history
 from sweeps.spec import ratio_of, stage_epochs
 
 TRIAL_COLUMNS = ["stage", "trial_id", "status", "ray_status", "op_set", "F", "genotype_id", "cell", "cost_weight",
                  "layers", "seed",
                  "epochs_done", "epochs_total", "final_acc", "best_acc", "params_m", "gmac", "latency_ms",
-                 "throughput_img_s", "device", "wall_time_s", "error", "trial_dir"]
+                 "throughput_img_s", "device", "wall_time_s", "error", "stop_reason", "epochs_saved", "hours_saved",
+                 "trial_dir"]
 
 
 def cell_label(genotype_id: Any, op_set: Any, cost_weight: Any = None) -> Any:
@@ -90,13 +96,9 @@ def trial_history(trial_dir: str | Path) -> list[dict[str, Any]]:
         while rows and _epoch(row) is not None and _epoch(rows[-1]) is not None and _epoch(rows[-1]) >= _epoch(row):
             rows.pop()
         rows.append(row)
-    saved = sorted(trial_dir.glob("checkpoint_*/history.json"), key=lambda p: p.stat().st_mtime)
-    if not saved:
+    saved_rows = newest_history(trial_dir)  # a damaged checkpoint history adds nothing; result.json still counts
+    if not saved_rows:
         return rows
-    try:
-        saved_rows = [r for r in json.loads(saved[-1].read_text()) if isinstance(r, dict)]
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return rows  # a damaged checkpoint history adds nothing; result.json still counts
     have = {_epoch(r) for r in rows}
     last = max((e for e in have if e is not None), default=math.inf)
     lost = [r for r in saved_rows if r.get("epoch") not in have and r.get("epoch", 0) <= last]
@@ -215,10 +217,14 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str], table: dict[str
             error = _first_error_line(ray_error or (error_file.read_text() if error_file.exists() else ""))
         elif last.get("epoch") == epochs_total:  # every epoch reported (a killed driver's saved state lags)
             status, error = "finished", ""
+        elif last.get("stop_reason"):  # a search that stopped itself (nas.train.search_stop_reason)
+            status, error = "finished", f"stopped early: {last['stop_reason']}"
         elif ray_status == "TERMINATED":  # stopped early by the scheduler
             status, error = "finished", "stopped early by the scheduler"
         else:
             status, error = "unfinished", ""
+        wall = sum(r.get("epoch_time_s", 0.0) or 0.0 for r in results)
+        saved = max(epochs_total - epochs_done, 0) if last.get("stop_reason") else 0
         genotype = last.get("genotype_id")
         if genotype is None and isinstance(last.get("genotype"), dict):
             from nas.genotypes import Genotype
@@ -236,8 +242,9 @@ def _stage_rows(stage: str, stage_dir: Path, skipped: list[str], table: dict[str
             "best_acc": max(accs) if accs else math.nan, "params_m": _num(last.get("params_m")),
             "gmac": _num(last.get("gmac")), "latency_ms": _num(last.get("latency_ms")),
             "throughput_img_s": _num(last.get("throughput_img_s")), "device": last.get("device", ""),
-            "wall_time_s": sum(r.get("epoch_time_s", 0.0) or 0.0 for r in results),
-            "error": error, "trial_dir": str(trial_dir),
+            "wall_time_s": wall, "error": error, "stop_reason": last.get("stop_reason") or "",
+            "epochs_saved": saved, "hours_saved": saved * wall / max(epochs_done, 1) / 3600,
+            "trial_dir": str(trial_dir),
         })
         for r in results:
             history.append({"stage": stage, "trial_id": trial_id, **{k: v for k, v in r.items()

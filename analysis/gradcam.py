@@ -20,6 +20,7 @@ from nas.data import ImageData, load_dataset, normalize  # noqa: E402
 from nas.errors import ConfigError  # noqa: E402
 from nas.eval_network import EvalNetwork  # noqa: E402
 from nas.io import load_checkpoint  # noqa: E402
+from sweeps.checkpoints import newest_state_file  # noqa: E402
 
 
 def find_state(path: str | Path) -> Path:
@@ -29,10 +30,10 @@ def find_state(path: str | Path) -> Path:
         return path
     if (path / "state.pt").is_file():
         return path / "state.pt"
-    found = sorted(path.glob("checkpoint_*/state.pt"))
-    if not found:
+    found = newest_state_file(path)
+    if found is None:
         raise ConfigError(f"no eval checkpoint (state.pt) in {path}; pass a trial folder, checkpoint folder or file")
-    return found[-1]
+    return found
 
 
 def load_eval_model(path: str | Path) -> tuple[EvalNetwork, EvalConfig, ImageData]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 17 and 18, as one script for a short device session (about 9 minutes).
+# The GPU checks of issues 17, 18 and 24, as one script for a short device session (about 10 minutes).
 # Every step writes its figures under $OUT as soon as it ends, so a session cut short keeps what it got.
 # Run from the repository root on a machine with CUDA and torch installed:
 #   OUT=/tmp/gpu bash docs/gpu_check.sh
@@ -19,6 +19,11 @@ run() {  # run NAME SECONDS CMD...: stdout to $OUT/NAME.json (or .txt), stderr t
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" > "$OUT/env.txt" 2>&1
 $PY -m pip install -q --no-deps -e . > /dev/null 2>&1 || true
+
+# 0. issue 24: step times of the shipped sweeps' networks on this GPU, and the device-hours they imply
+run steps_paper_table1 120 $PY -m nas.cli sweep steps paper_table1 --device cuda --out "$OUT/steps_paper_table1.json"
+run estimate_paper_table1 60 $PY -m nas.cli sweep up paper_table1 --dry-run --step-times "$OUT/steps_paper_table1.json"
+run steps_f_sweep 120 $PY -m nas.cli sweep steps f_sweep --device cuda --out "$OUT/steps_f_sweep.json"
 
 # 1. the CUDA tests: stacked cell vs plain on CUDA, captured vs uncaptured training, bf16 + channels_last
 run pytest_cuda 150 $PY -m pytest -q -x tests/test_graphs.py tests/test_bench_numerics.py tests/test_search_train.py \

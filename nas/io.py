@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -39,6 +39,7 @@ def save_checkpoint_atomic(path: str | Path, state: dict[str, Any]) -> Path:
     return _atomic(path, lambda fh: torch.save(state, fh))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by this package (weights_only: no code is unpickled)."""
+def load_checkpoint(path: str | Path | IO[bytes], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by this package, from a file or a buffer (weights_only: no code is
+    unpickled)."""
     return torch.load(path, map_location=map_location, weights_only=True)

@@ -77,10 +77,16 @@ def _trial_state(trial_dir: Path, epochs: int, metric: str) -> tuple[str, int, f
     if (trial_dir / "error.txt").exists():
         return "errored", 0, math.nan
     try:
-        lines = (trial_dir / "result.json").read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
-    except (OSError, json.JSONDecodeError):
-        last = {}
+        text = (trial_dir / "result.json").read_text()
+    except OSError:
+        text = ""
+    last: dict = {}
+    for line in reversed(text.splitlines()):  # the last line may be half written: take the newest whole one
+        try:
+            last = json.loads(line)
+            break
+        except json.JSONDecodeError:
+            continue
     done = int(last.get("epoch") or 0)
     value = last.get(metric)
     value = float(value) if isinstance(value, (int, float)) else math.nan
@@ -88,7 +94,7 @@ def _trial_state(trial_dir: Path, epochs: int, metric: str) -> tuple[str, int, f
         return "errored", done, math.nan
     if not last:
         return "waiting", 0, math.nan
-    return ("finished" if done >= epochs else "running"), done, value
+    return ("finished" if done >= epochs or last.get("stop_reason") else "running"), done, value
 
 
 def progress_line(stage_dir: Path, kind: str, expected: int, epochs: int, metric: str, elapsed: float,
@@ -119,14 +125,17 @@ def _clock(seconds: float) -> str:
 
 
 class ProgressView:
-    """Prints :func:`progress_line` for a stage now and then while it runs (every ``every`` seconds, and
-    sooner when a trial finishes or fails), then once at the end."""
+    """Prints :func:`progress_line` for a stage while it runs, then once at the end. On a terminal every
+    ``every`` seconds (default 30) and whenever the counts change; in a log file (a batch job's) at most every
+    ``every`` seconds (default 60), and at once when a trial finishes or fails: a long sweep's job log stays
+    readable."""
 
     def __init__(self, stage_dir: Path, kind: str, expected: int, epochs: int, metric: str,
-                 every: float = 30.0) -> None:
+                 interactive: bool = True, every: float | None = None) -> None:
         self.args = (stage_dir, kind, expected, epochs, metric)
         self.label = stage_dir.name  # the stage, or an extension's part (eval-2)
-        self.every = every
+        self.interactive = interactive
+        self.every = every if every is not None else (30.0 if interactive else 60.0)
         self.start = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dartsweep-progress", daemon=True)
@@ -135,14 +144,16 @@ class ProgressView:
         return progress_line(*self.args, elapsed=time.monotonic() - self.start, label=self.label)
 
     def _run(self) -> None:
-        last_shown, last_counts = 0.0, None
-        while not self._stop.wait(2.0):
+        last_shown, last_counts, last_ended = time.monotonic(), None, (0, 0)
+        while not self._stop.wait(min(2.0, self.every)):
             line = self._line()
             counts = line.split(";")[0]
+            ended = _ended(counts)
             now = time.monotonic()
-            if counts != last_counts or now - last_shown >= self.every:
+            changed = counts != last_counts if self.interactive else ended != last_ended
+            if changed or now - last_shown >= self.every:
                 print(f"[dartsweep] {line}", file=sys.stderr, flush=True)
-                last_shown, last_counts = now, counts
+                last_shown, last_counts, last_ended = now, counts, ended
 
     def __enter__(self) -> "ProgressView":
         self._thread.start()
@@ -152,3 +163,10 @@ class ProgressView:
         self._stop.set()
         self._thread.join(timeout=5)
         print(f"[dartsweep] {self._line()}", file=sys.stderr, flush=True)
+
+
+def _ended(counts: str) -> tuple[int, int]:
+    """(finished, errored) from a progress line's counts."""
+    finished = re.search(r"(\d+)/\d+ finished", counts)
+    errored = re.search(r"(\d+) errored", counts)
+    return int(finished.group(1)) if finished else 0, int(errored.group(1)) if errored else 0

@@ -6,14 +6,17 @@ spec into the sweep folder and runs the stages one after another (``_run_stages`
 Tune experiment whose trials are ``sweeps.trainables.search_trainable`` / ``eval_trainable`` (plain
 functions calling ``nas.train``), given the op-set or genotype table and the data through Ray's object
 store. After the search stage, ``collect_genotypes`` writes every derived cell to ``genotypes/`` and they
-become the eval stage's ``searched`` genotypes. ``resume_sweep`` restores each stage that is not done.
+become the eval stage's ``searched`` genotypes. ``resume_sweep`` restores each stage that is not done;
+``up_sweep`` (what job scripts call) runs a sweep or resumes it, whichever its folder calls for. A driver
+given a ``sweeps.stopping.GracefulStop`` has every running trial checkpoint on SIGTERM/SIGUSR1 and stops.
 
 Sweep directory (``<storage>/<name>/``):
 
-- ``sweep.yaml``   the frozen, resolved sweep file (genotype files embedded, absolute paths, ``format: 2``)
+- ``sweep.yaml``   the frozen, resolved sweep file (genotype files embedded, absolute paths, ``format: 3``)
 - ``state.json``   which stage is done (or interrupted); a resumed sweep continues with the right stage
 - ``driver.lock``  the running driver (``sweeps.lock``); ``driver.log``: Ray's console output
-- ``search/``      the search stage's Ray Tune experiment
+- ``search/``      the search stage's Ray Tune experiment; each trial folder keeps its own checkpoints
+                   (``checkpoints/epoch_NNNNNN/``, ``sweeps.checkpoints``)
 - ``genotypes/``   one JSON per derived genotype plus ``index.json`` (written atomically)
 - ``eval/``        the eval stage's Ray Tune experiment
 
@@ -170,9 +173,13 @@ def trial_table(spec: SweepSpec, searched: dict[str, Any] | None = None) -> list
                              "samples": f"{stage.search_alg.num_samples} ({stage.search_alg.type})"})
             return rows
         table = eval_table(stage, known)
+        costs: dict[tuple[str, int], Any] = {}  # once per network: the seeds of a grid share it
         for t in eval_trials(stage, known):
             g = Genotype.from_dict(table[t["genotype"]]["genotype"])
-            cost = complexity(g, t["layers"], channels, classes, in_ch, size)
+            key = (json.dumps(g.to_dict(), sort_keys=True), t["layers"])
+            if key not in costs:
+                costs[key] = complexity(g, t["layers"], channels, classes, in_ch, size)
+            cost = costs[key]
             rows.append({"stage": "eval", **t, "genotype": g.id, "epochs": stage.epochs,
                          "params_m": round(cost.params_m, 3), "gmac": round(cost.gmac, 4)})
         if SEARCHED in stage.axes["genotypes"] and not searched:
@@ -355,7 +362,8 @@ def _tune_config(stage: Stage, spec: SweepSpec, sweep: SweepDir):
 
         s = stage.scheduler
         epochs = stage.epochs
-        asha = dict(time_attr="training_iteration", metric=s["metric"], mode=s["mode"], max_t=epochs,
+        # epochs, not Tune's iteration count: a trial restored from its own checkpoint counts iterations anew
+        asha = dict(time_attr="epoch", metric=s["metric"], mode=s["mode"], max_t=epochs,
                     grace_period=min(s["grace_period"], epochs), reduction_factor=s["reduction_factor"])
         kwargs["scheduler"] = GroupedASHA(**asha) if stage.kind == "eval" else ASHAScheduler(**asha)
     return tune.TuneConfig(**kwargs)
@@ -367,15 +375,17 @@ def _trial_dirname(trial: Any) -> str:
     return trial_dirname(trial)
 
 
-def _trainable(stage: Stage, genotypes: dict[str, Any] | None = None, data: ImageData | None = None) -> Callable:
+def _trainable(stage: Stage, genotypes: dict[str, Any] | None = None, data: ImageData | None = None,
+               stop_board: str | None = None) -> Callable:
     """The stage's trainable with its resources; the search stage's gets its op sets (id -> mapping), the
     eval stage's ``genotypes`` (id -> entry). Both get ``data`` (the driver's copy of the data set) through
-    Ray's object store; without it (``data_transfer: shared_path``) each trial reads its ``data_dir``."""
+    Ray's object store (without it, ``data_transfer: shared_path``, each trial reads its ``data_dir``) and
+    the name of the driver's stop board (``sweeps.stopping``)."""
     from ray import tune
 
     from sweeps import trainables
 
-    shipped = {"data": None if data is None else to_arrays(data)}
+    shipped = {"data": None if data is None else to_arrays(data), "stop_board": stop_board}
     if stage.kind == "search":
         fn = tune.with_parameters(trainables.search_trainable, op_sets=stage.axes["op_sets"], **shipped)
     else:
@@ -385,8 +395,21 @@ def _trainable(stage: Stage, genotypes: dict[str, Any] | None = None, data: Imag
     return tune.with_resources(fn, res)
 
 
+@dataclass
+class Run:
+    """How this driver runs: console verbosity, progress cadence, and its signal handling and stop board
+    (``sweeps.stopping``; None where the caller handles no signals)."""
+
+    verbose: int = 1
+    progress_every: float | None = None  # seconds between progress lines; None: 30 on a terminal, else 60
+    stop: Any = None  # sweeps.stopping.GracefulStop
+    board: Any = None  # the stop board actor, once Ray is up
+    board_name: str | None = None
+    interactive: bool = False  # stderr is a terminal
+
+
 def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict | None = None,
-               verbose: int = 1, data: ImageData | None = None, part: str | None = None,
+               run: Run | None = None, data: ImageData | None = None, part: str | None = None,
                points: list[dict[str, Any]] | None = None) -> Any:
     """Run (or restore) one Ray Tune experiment of a stage: the stage's own grid, or an extension's
     ``part`` (``eval-2``, ...) over exactly ``points``."""
@@ -395,9 +418,11 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
     from sweeps.console import ProgressView
     from sweeps.loggers import CSVLogger, JsonLogger
 
+    run = run or Run()
+    verbose = run.verbose
     part = part or stage.kind
     stage_path = sweep.join(part)
-    trainable = _trainable(stage, genotypes, data)
+    trainable = _trainable(stage, genotypes, data, run.board_name)
     if tune.Tuner.can_restore(stage_path):
         _print(f"{part}: continuing the experiment in {stage_path}")
         tuner = tune.Tuner.restore(stage_path, trainable, resume_unfinished=True, resume_errored=True)
@@ -406,15 +431,15 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
         run_config = tune.RunConfig(
             name=part, storage_path=sweep.location, verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[JsonLogger(), CSVLogger()],  # Ray adds its TensorBoard logger itself
         )
         tuner = tune.Tuner(trainable, param_space=_param_space(stage, genotypes, points),
                            tune_config=_tune_config(stage, spec, sweep), run_config=run_config)
     expected = len(points) if points is not None else expected_trials(stage, genotypes)
-    view = ProgressView(Path(stage_path), stage.kind, expected, stage.epochs, stage.metric) \
+    view = ProgressView(Path(stage_path), stage.kind, expected, stage.epochs, stage.metric,
+                        interactive=run.interactive, every=run.progress_every) \
         if verbose >= 1 and sweep.is_local else contextlib.nullcontext()
-    with view:
+    with view, (run.stop.stage(run.board) if run.stop is not None else contextlib.nullcontext()):
         results = tuner.fit()
     statuses = [t.status for t in tune.ExperimentAnalysis(stage_path).trials]
     unfinished = max(expected, len(statuses)) - sum(s in ("TERMINATED", "ERROR") for s in statuses)
@@ -483,27 +508,52 @@ def eval_genotypes(spec: SweepSpec, searched: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None = None,
-              verbose: int = 1, force: bool = False) -> str:
-    """Launch a new sweep; refuses to touch an existing sweep directory (use ``resume_sweep``)."""
-    storage = storage or spec.storage or "./results"
-    root = SweepDir.at(storage)
-    sweep = SweepDir.at(root.join(spec.name))
-    if not sweep.is_empty():
+              verbose: int = 1, force: bool = False, stop: Any = None, progress_every: float | None = None) -> str:
+    """Launch a new sweep; refuses to touch an existing sweep directory (use ``resume_sweep``). ``stop``:
+    the caller's ``sweeps.stopping.GracefulStop`` (signals), ``progress_every``: seconds between progress
+    lines (default 30 on a terminal, 60 otherwise)."""
+    root, sweep = sweep_location(spec, storage)
+    if not _fresh(sweep):
         raise ConfigError(f"{sweep.location} already exists; continue it with `dartsweep sweep resume "
-                          f"{sweep.location}` or change the sweep's name")
+                          f"{sweep.location}` (or `sweep up`) or change the sweep's name")
     check_resources(spec, address)
     data = load_sweep_data(spec)
     lock = acquire_lock(sweep, force)
     try:
+        if sweep.is_sweep():  # another driver started it while this one loaded the data
+            raise ConfigError(f"{sweep.location} was started by another driver meanwhile; continue it with "
+                              f"`dartsweep sweep up` or `sweep resume {sweep.location}`")
         sweep.write_text(yaml.safe_dump({**spec.raw, "storage": root.location, "format": SWEEP_FORMAT},
                                         sort_keys=False), SWEEP_FILE)
         sweep.write_json({"stages": {}}, STATE_FILE)
-        return _continue(spec, sweep, address, verbose, data, lock)
+        return _continue(spec, sweep, address, _run(verbose, stop, progress_every), data, lock)
     finally:
         lock.release()
 
 
-def resume_sweep(location: str | Path, address: str | None = None, verbose: int = 1, force: bool = False) -> str:
+def sweep_location(spec: SweepSpec, storage: str | None = None) -> tuple[SweepDir, SweepDir]:
+    """(storage root, sweep folder) of a sweep: ``storage`` (the CLI's --storage), else the file's, else
+    ./results."""
+    root = SweepDir.at(storage or spec.storage or "./results")
+    return root, SweepDir.at(root.join(spec.name))
+
+
+# What a driver leaves in a sweep folder before it has written sweep.yaml (killed while loading the data)
+_PRE_SWEEP_FILES = {"driver.lock", "driver.log"}
+
+
+def _fresh(sweep: SweepDir) -> bool:
+    """Whether ``sweep`` holds no sweep yet: missing, empty, or only what a driver killed before writing
+    sweep.yaml left (its lock and log)."""
+    if sweep.is_empty():
+        return True
+    if not sweep.is_local or sweep.is_sweep():
+        return False
+    return {p.name for p in sweep.path.iterdir()} <= _PRE_SWEEP_FILES
+
+
+def resume_sweep(location: str | Path, address: str | None = None, verbose: int = 1, force: bool = False,
+                 stop: Any = None, progress_every: float | None = None) -> str:
     """Continue a sweep: unfinished and errored trials from their last checkpoints; finished ones are kept."""
     sweep = SweepDir.at(location)
     spec = sweep.load_spec()
@@ -512,9 +562,32 @@ def resume_sweep(location: str | Path, address: str | None = None, verbose: int 
     try:
         state = sweep.read_state().get("stages", {})
         pending = [s.kind for s in (spec.search, spec.eval) if s is not None and state.get(s.kind) != "done"]
-        return _continue(spec, sweep, address, verbose, load_sweep_data(spec) if pending else None, lock)
+        return _continue(spec, sweep, address, _run(verbose, stop, progress_every),
+                         load_sweep_data(spec) if pending else None, lock)
     finally:
         lock.release()
+
+
+def up_sweep(file_or_name: str | Path, storage: str | None = None, address: str | None = None, verbose: int = 1,
+             force: bool = False, stop: Any = None, progress_every: float | None = None) -> str:
+    """The idempotent entry point job scripts and requeues call: run the sweep when its folder holds none,
+    resume it when it does, as long as the file still describes the frozen sweep (a differing grid or
+    training setting is refused naming the key; ``extend`` grows a sweep)."""
+    from sweeps.extend import check_unchanged
+    from sweeps.spec import load_sweep
+
+    spec = load_sweep(file_or_name)
+    _, sweep = sweep_location(spec, storage)
+    if _fresh(sweep):
+        _print(f"{sweep.location}: no sweep there yet; starting it")
+        return run_sweep(spec, storage, address, verbose, force, stop, progress_every)
+    check_unchanged(sweep, spec, str(file_or_name))
+    _print(f"{sweep.location}: continuing the sweep there")
+    return resume_sweep(sweep.location, address, verbose, force, stop, progress_every)
+
+
+def _run(verbose: int, stop: Any, progress_every: float | None) -> Run:
+    return Run(verbose=verbose, progress_every=progress_every, stop=stop, interactive=sys.stderr.isatty())
 
 
 def check_resources(spec: SweepSpec, address: str | None) -> None:
@@ -548,7 +621,7 @@ def _warn_cluster_resources(spec: SweepSpec) -> None:
 
 
 def extend_sweep(location: str | Path, file: str | Path, address: str | None = None, verbose: int = 1,
-                 force: bool = False) -> str:
+                 force: bool = False, stop: Any = None, progress_every: float | None = None) -> str:
     """Add the grid points of ``file`` to a finished sweep and train only those (``sweeps.extend``)."""
     from sweeps.extend import apply_extension, prepare_extension
 
@@ -559,7 +632,7 @@ def extend_sweep(location: str | Path, file: str | Path, address: str | None = N
     try:
         data = load_sweep_data(union)
         apply_extension(sweep, old, union)
-        return _continue(sweep.load_spec(), sweep, address, verbose, data, lock)
+        return _continue(sweep.load_spec(), sweep, address, _run(verbose, stop, progress_every), data, lock)
     finally:
         lock.release()
 
@@ -595,25 +668,36 @@ def load_sweep_data(spec: SweepSpec) -> ImageData | None:
     return data
 
 
-def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: int,
+def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, run: Run,
               data: ImageData | None, lock: Any = None) -> str:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: see README
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from sweeps.console import LOG_FILE, captured_console
+    from sweeps.stopping import board_name, start_board
 
     log = Path(sweep.location, LOG_FILE) if sweep.is_local else None
-    with captured_console(log, verbose):
-        if log is not None and verbose < 2:
+    with captured_console(log, run.verbose):
+        if log is not None and run.verbose < 2:
             _print(f"Ray's own output: {log}")
-        started = _ray_init(address, verbose)
+        started = _ray_init(address, run.verbose)
+        if run.stop is not None:
+            run.stop.install()  # ray.init sets a SIGTERM handler of its own
         session = _ray_session_name() if started and not address and lock is not None else None
         if session:
             lock.record_ray_session(session)
         try:
             if address:
                 _warn_cluster_resources(spec)
-            _run_stages(spec, sweep, verbose, data)
+            run.board_name = board_name(sweep.location)
+            run.board = start_board(run.board_name)
+            _run_stages(spec, sweep, run, data)
         finally:
+            if run.board is not None:
+                import ray
+
+                with contextlib.suppress(Exception):
+                    ray.kill(run.board)
+                run.board = None
             if started:
                 _ray_stop()
         loc = sweep.location
@@ -621,27 +705,31 @@ def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, verbose: in
     return loc
 
 
-def _run_stages(spec: SweepSpec, sweep: SweepDir, verbose: int, data: ImageData | None) -> None:
+def _run_stages(spec: SweepSpec, sweep: SweepDir, run: Run, data: ImageData | None) -> None:
     state = sweep.read_state()
     stages = state.get("stages", {})
     searched: dict[str, Any] = {}
+    check = run.stop.check if run.stop is not None else (lambda: None)  # between stages: nothing new after a signal
     if spec.search is not None:
         if stages.get("search") != "done":
-            _run_stage(spec, sweep, spec.search, verbose=verbose, data=data)
+            _run_stage(spec, sweep, spec.search, run=run, data=data)
         for part, points in _extension_parts(sweep, spec.search, None):
-            _run_stage(spec, sweep, spec.search, verbose=verbose, data=data, part=part, points=points)
+            check()
+            _run_stage(spec, sweep, spec.search, run=run, data=data, part=part, points=points)
         searched = collect_genotypes(sweep, spec)
         _print(f"search: {len(searched)} genotype(s) in {sweep.join(GENOTYPE_DIR)}")
     if spec.eval is not None:
+        check()
         genotypes = eval_genotypes(spec, searched)
         if not genotypes:
             sweep.mark("eval", "skipped_no_genotypes")
             _print("eval: no genotypes to evaluate (every search trial failed); see `dartsweep sweep status`")
             return
         if stages.get("eval") != "done":
-            _run_stage(spec, sweep, spec.eval, genotypes, verbose=verbose, data=data)
+            _run_stage(spec, sweep, spec.eval, genotypes, run=run, data=data)
         for part, points in _extension_parts(sweep, spec.eval, genotypes):
-            _run_stage(spec, sweep, spec.eval, genotypes, verbose=verbose, data=data, part=part, points=points)
+            check()
+            _run_stage(spec, sweep, spec.eval, genotypes, run=run, data=data, part=part, points=points)
 
 
 def _extension_parts(sweep: SweepDir, stage: Stage, genotypes: dict[str, Any] | None):

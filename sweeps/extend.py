@@ -84,6 +84,9 @@ def check_extension(old: SweepSpec, new: SweepSpec, file: str) -> None:
     if old.first_release:
         raise ConfigError("this sweep was written by dartsweep's first release; start a new sweep (analyze can "
                           "merge the two)")
+    if old.search is not None and any(m.get("stem") == "patchify_bias" for m in old.search.axes["op_sets"].values()):
+        raise ConfigError("this sweep's search networks have the third release's biased patchify stem; start a new "
+                          "sweep (analyze can merge the two)")
     if new.dataset != old.dataset:
         raise ConfigError(f"dataset: {old.dataset} in the sweep, {new.dataset} in {file}; extending cannot change "
                           "how existing trials train (start a new sweep)")
@@ -190,3 +193,63 @@ def apply_extension(sweep: Any, old: SweepSpec, union: SweepSpec) -> None:
     state["extensions"] += 1
     sweep.write_json(state, "state.json")
     sweep.write_text(yaml.safe_dump({**union.raw, "storage": old.raw.get("storage")}, sort_keys=False), SWEEP_FILE)
+
+
+def _stage_fields(stage: Stage) -> dict[str, Any]:
+    """What a stage's trials are, as ``up`` compares a file with the frozen sweep: its grid (ids of op sets and
+    genotypes, F, seeds, layers, lambdas), every training setting (defaults filled in) and how Ray runs them."""
+    grid = {key: (list(value) if isinstance(value, dict) and key in ("op_sets", "genotypes") else value)
+            for key, value in stage.axes.items()}
+    return {**grid, **_effective(stage.kind, stage.base), "resources": stage.resources,
+            "checkpoint_every": stage.checkpoint_every, "search_alg": dataclasses.asdict(stage.search_alg),
+            "scheduler": stage.scheduler}
+
+
+def _subset(small: Any, big: Any) -> bool:
+    return isinstance(small, list) and isinstance(big, list) and all(v in big for v in small)
+
+
+def spec_differences(frozen: SweepSpec, new: SweepSpec, extended: bool = False) -> list[tuple[str, Any, Any]]:
+    """(key, frozen value, new value) for everything ``new`` changes about the frozen sweep; an extended
+    sweep's grid lists may be supersets of the file's (the file it was first run with)."""
+    out: list[tuple[str, Any, Any]] = []
+    for key in ("dataset", "data_transfer", "max_failures", "max_concurrent_trials"):
+        if getattr(frozen, key) != getattr(new, key):
+            out.append((key, getattr(frozen, key), getattr(new, key)))
+    for kind in ("search", "eval"):
+        was, now = getattr(frozen, kind), getattr(new, kind)
+        if (was is None) != (now is None):
+            out.append((kind, "a stage" if was else None, "a stage" if now else None))
+            continue
+        if was is None:
+            continue
+        a, b = _stage_fields(was), _stage_fields(now)
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) == b.get(key):
+                continue
+            if extended and key in GRID_KEYS[kind] and _subset(b.get(key), a.get(key)):
+                continue
+            out.append((f"{kind}.{key}", a.get(key), b.get(key)))
+    return out
+
+
+def check_unchanged(sweep: Any, new: SweepSpec, file: str) -> None:
+    """Refuse (ConfigError naming the key) a file that no longer describes the sweep frozen in ``sweep``."""
+    frozen = sweep.load_spec()
+    extended = bool(sweep.read_state().get("extensions"))
+    diffs = spec_differences(frozen, new, extended)
+    if not diffs:
+        return
+    key, was, now = diffs[0]
+    grid = key.split(".")[-1] in GRID_KEYS.get(key.split(".")[0], ())
+    how = (f"grow it with `dartsweep sweep extend {sweep.location} {file}`" if grid else
+           "a sweep's training settings cannot change once it runs; give the sweep another name")
+    also = f" (also {', '.join(k for k, _, _ in diffs[1:])})" if len(diffs) > 1 else ""
+    raise ConfigError(f"{key}: {_short(now)} in {file}, but the sweep in {sweep.location} was frozen with "
+                      f"{_short(was)}{also}; {how}, or continue it as frozen with `dartsweep sweep resume "
+                      f"{sweep.location}`")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

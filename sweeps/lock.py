@@ -3,7 +3,9 @@
 ``driver.lock`` holds host, pid, start time, a random token and a heartbeat refreshed every
 :data:`HEARTBEAT_S` seconds. A second ``run``/``resume`` finds it and is refused while its holder lives:
 on the same host, while the pid exists and the heartbeat is fresh; from another host, while the heartbeat
-is younger than :data:`STALE_AFTER_S`. A lock whose holder is gone is taken over, with a message;
+is younger than :data:`STALE_AFTER_S`; a holder that ran as a SLURM job is gone as soon as SLURM says that
+run is over (:func:`slurm_job_gone`: a requeued job takes its own lock back on any host at once). A lock
+whose holder is gone is taken over, with a message;
 ``--force`` takes it regardless. On a local or shared filesystem the lock is created with ``O_EXCL``
 (atomic where the filesystem honours it: local disks, NFSv3+, Lustre); in cloud storage pyarrow offers no
 conditional write, so the lock is written, then read back to see who won: two drivers starting within the
@@ -45,15 +47,66 @@ def holder_alive(holder: dict[str, Any], now: float | None = None) -> bool:
     age = (now or time.time()) - float(holder.get("heartbeat", 0))
     if age > STALE_AFTER_S:
         return False
+    if slurm_job_gone(holder):
+        return False
     if holder.get("host") == socket.gethostname():
         return _pid_alive(int(holder.get("pid", -1)))
     return True
 
 
+def slurm_job() -> dict[str, Any]:
+    """This process's SLURM job and how often SLURM has restarted it (requeues), from SLURM's variables;
+    {} outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    try:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        restarts = 0
+    return {"slurm_job_id": job, "slurm_restart_count": restarts}
+
+
+# SLURM job states in which a job's processes may still run (scontrol's JobState)
+_SLURM_LIVE_STATES = {"RUNNING", "COMPLETING", "SUSPENDED", "CONFIGURING", "STOPPED", "SIGNALING", "STAGE_OUT"}
+
+
+def slurm_job_gone(holder: dict[str, Any]) -> bool:
+    """Whether the SLURM job run that wrote ``holder`` is known to be over: this process is a later run of
+    the same job (SLURM runs one at a time, so a requeued job's previous run has ended, on whatever host),
+    or ``scontrol`` says the job no longer runs or has been restarted since. False when unknown."""
+    job, restarts = holder.get("slurm_job_id"), holder.get("slurm_restart_count")
+    if not job or not isinstance(restarts, int):
+        return False
+    mine = slurm_job()
+    if mine.get("slurm_job_id") == job:
+        return mine["slurm_restart_count"] > restarts
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol") is None:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if out.returncode != 0:
+        return "Invalid job id" in out.stderr  # purged from SLURM's memory: long over
+    fields = dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
+    state = fields.get("JobState", "")
+    try:
+        restarted = int(fields.get("Restarts", restarts)) > restarts
+    except ValueError:
+        restarted = False
+    return bool(state) and (state not in _SLURM_LIVE_STATES or restarted)
+
+
 def describe(holder: dict[str, Any], now: float | None = None) -> str:
     age = (now or time.time()) - float(holder.get("heartbeat", 0))
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
-    return f"pid {holder.get('pid')} on {holder.get('host')}, started {started}, last heartbeat {age:.0f} s ago"
+    job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{job}, started {started}, last heartbeat {age:.0f} s ago"
 
 
 @dataclass
@@ -197,7 +250,7 @@ def acquire(sweep: Any, force: bool = False, say=None) -> SweepLock:
     say = say or (lambda msg: print(f"[dartsweep] {msg}", file=sys.stderr, flush=True))
     now = time.time()
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "heartbeat": now,
-             "token": secrets.token_hex(8)}
+             "token": secrets.token_hex(8), **slurm_job()}
     for _ in range(3):
         holder = read_lock(sweep)
         if holder is not None:

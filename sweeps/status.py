@@ -15,7 +15,7 @@ def failed_trials(location: str) -> list[str]:
     if "://" in str(location):
         return []
     lines = sweep_status(Path(location)).splitlines()[1:-1]
-    return [ln for ln in lines if ln.split()[2:3] in (["errored"], ["diverged"])]
+    return [ln for ln in lines if not ln.startswith("cost:") and ln.split()[2:3] in (["errored"], ["diverged"])]
 
 
 def sweep_status(path: Path, as_json: bool = False) -> str:
@@ -43,5 +43,24 @@ def sweep_status(path: Path, as_json: bool = False) -> str:
         lines.append(f"{r.stage:<6} {r.trial_id:<12} {r.status:<10} epoch {r.epochs_done}/{r.epochs_total}  {what}"
                      f" seed={int(r.seed) if not math.isnan(r.seed) else '?'}  {metric}{extra}{err}")
     counts = frame.status.value_counts().to_dict() if len(frame) else {}
-    lines.append("trials: " + (", ".join(f"{v} {k}" for k, v in counts.items()) or "none yet"))
+    lines += _cost_lines(sweep, frame)
+    lines.append("trials: " + (", ".join(f"{v} {k}" for k, v in counts.items()) or "none yet"))  # stays last
     return "\n".join(lines)
+
+
+def _cost_lines(sweep, frame) -> list[str]:
+    """Device-hours spent and left (``sweeps.estimate.cost_so_far``); nothing where the sweep file cannot
+    be read (status still shows the trials)."""
+    from sweeps.driver import eval_genotypes, expected_trials, read_searched
+    from sweeps.estimate import cost_so_far
+
+    try:
+        spec = sweep.load_spec()
+        expected = {}
+        if spec.search is not None:
+            expected["search"] = expected_trials(spec.search)
+        if spec.eval is not None:
+            expected["eval"] = expected_trials(spec.eval, eval_genotypes(spec, read_searched(sweep.path)))
+    except (ConfigError, OSError, ValueError, KeyError):
+        return []
+    return [f"cost: {line}" for line in cost_so_far(spec, frame, expected)] if len(frame) else []

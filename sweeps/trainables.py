@@ -6,10 +6,11 @@ stage's fixed settings) plus the stage's tables and the data set from Ray's obje
 builds a ``SearchConfig``/``EvalConfig`` and runs ``nas.train.run_search``/``run_eval``, reporting every
 epoch into the trial's folder.
 
-Each trainable is a plain function: it reads its config, restores from ``tune.get_checkpoint()`` when
-present (continuing from the epoch after the checkpoint), runs the ``nas`` loop and calls
-``tune.report(metrics, checkpoint=...)`` every epoch. Tune's TensorBoard logger writes every reported
-number (losses, accuracies, lr, alpha entropy) into the trial folder.
+Each trainable is a plain function: it reads its config, restores from the newest complete checkpoint
+in its own folder on the sweep's storage (``sweeps.checkpoints``: dartsweep owns trial checkpoints, so
+no kill loses one; ``tune.get_checkpoint()`` for sweeps written before), continues from the epoch after
+it, runs the ``nas`` loop and calls ``tune.report(metrics)`` every epoch. Tune's TensorBoard logger
+writes every reported number (losses, accuracies, lr, alpha entropy) into the trial folder.
 
 Every checkpoint also holds ``history.json``: every epoch reported so far on the line that led to it.
 Ray's ``result.json`` is not a reliable record after a restore (the driver can copy a lagging stored
@@ -24,9 +25,9 @@ of the trial would wait for a wake-up (measured: small CPU ops 5x slower, the di
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,9 +41,12 @@ from nas.data import ImageData, from_arrays, load_dataset
 from nas.errors import DivergenceError
 from nas.io import load_checkpoint
 from nas.train import run_eval, run_search
+from sweeps.checkpoints import TrialStore
+from sweeps.stopping import TrialControl
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
+REPLAYED = "replayed"  # a report repeating the last epoch of a trial that had finished (not logged again)
 
 
 def _device() -> str:
@@ -66,20 +70,47 @@ def _set_threads() -> None:
         torch.set_num_threads(threads)
 
 
-def _restore() -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """(training state, epochs reported up to it) of the trial's checkpoint; (None, []) on a fresh start."""
+def _trial_store() -> TrialStore | None:
+    """This trial's folder on the sweep's storage (where it keeps its own checkpoints); None outside Tune."""
+    try:
+        storage = tune.get_context().get_storage()
+        return TrialStore.at(storage.trial_fs_path, storage.storage_filesystem) if storage is not None else None
+    except Exception:  # noqa: BLE001 - outside a Tune trial
+        return None
+
+
+def _trial_id() -> str:
+    try:
+        return tune.get_context().get_trial_id() or ""
+    except Exception:  # noqa: BLE001 - outside a Tune trial
+        return ""
+
+
+def _restore(store: TrialStore | None) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(training state, epochs reported up to it) of the trial's newest complete checkpoint on storage
+    (``sweeps.checkpoints``), or of the Ray Tune checkpoint a sweep written before this release restores
+    it from, whichever is newer; (None, []) on a fresh start."""
+    found: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    epoch = store.newest() if store is not None else None
+    if epoch is not None:
+        state = load_checkpoint(io.BytesIO(store.read(epoch, STATE_FILE)))
+        found.append((state, json.loads(store.read(epoch, HISTORY_FILE))))
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            history_file = Path(folder) / HISTORY_FILE
+            found.append((load_checkpoint(Path(folder) / STATE_FILE),
+                          json.loads(history_file.read_text()) if history_file.exists() else []))
+    if not found:
         return None, []
-    with checkpoint.as_directory() as folder:
-        state = load_checkpoint(Path(folder) / STATE_FILE)
-        history_file = Path(folder) / HISTORY_FILE
-        history = json.loads(history_file.read_text()) if history_file.exists() else []
+    state, history = max(found, key=lambda item: item[0]["epoch"])
     return state, [h for h in history if h.get("epoch", 0) <= state["epoch"]]
 
 
-def _reporter(every: int, total_epochs: int, fixed: dict[str, Any], history: list[dict[str, Any]]):
-    """on_epoch hook: report metrics every epoch, with a checkpoint every ``every`` epochs and at the end.
+def _reporter(every: int, total_epochs: int, fixed: dict[str, Any], history: list[dict[str, Any]],
+              store: TrialStore | None, control: TrialControl):
+    """on_epoch hook: report metrics every epoch; write a checkpoint (``sweeps.checkpoints``, before the
+    report) every ``every`` epochs, at the end, and when the driver asks for one (it is being stopped).
 
     ``history`` (the reported epochs restored with the checkpoint) is extended in place and saved in
     every checkpoint.
@@ -88,17 +119,42 @@ def _reporter(every: int, total_epochs: int, fixed: dict[str, Any], history: lis
     def on_epoch(metrics: dict[str, Any], make_checkpoint) -> None:
         metrics = {**metrics, **fixed, "diverged": False, "node_id": _node_id()}
         history.append(metrics)
-        if metrics["epoch"] % every and metrics["epoch"] != total_epochs:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(make_checkpoint(), Path(folder) / STATE_FILE)
-            (Path(folder) / HISTORY_FILE).write_text(json.dumps(history, default=str))
+        epoch = metrics["epoch"]
+        wanted = control.checkpoint_wanted()
+        last = epoch == total_epochs or "stop_reason" in metrics  # the end, or the search stopped early
+        if store is not None and (wanted or epoch % every == 0 or last):
+            buffer = io.BytesIO()
+            torch.save(make_checkpoint(), buffer)
+            files = {STATE_FILE: buffer.getvalue(), HISTORY_FILE: json.dumps(history, default=str).encode()}
             if "genotype" in metrics:
-                (Path(folder) / "genotype.json").write_text(json.dumps(metrics["genotype"]))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+                files["genotype.json"] = json.dumps(metrics["genotype"]).encode()
+            store.save(epoch, files)
+            if wanted:
+                control.checkpointed(epoch)
+        tune.report(metrics)
 
     return on_epoch
+
+
+def _run_trial(run, cfg: Any, images: ImageData, fixed: dict[str, Any], config: Mapping[str, Any],
+               stop_board: str | None) -> None:
+    """Restore, train and report one trial (``run`` is ``run_search`` or ``run_eval``)."""
+    store = _trial_store()
+    control = TrialControl(stop_board, _trial_id())
+    try:
+        state, history = _restore(store)
+        if state is not None and history and (state["epoch"] >= cfg.epochs or "stop_reason" in history[-1]):
+            # finished before its driver saw it: report the end again for Tune, marked so that the loggers
+            # (sweeps.loggers) do not write it a second time
+            tune.report({**history[-1], REPLAYED: True})
+            return
+        try:
+            run(cfg, data=images, device=_device(), resume=state,
+                on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed, history, store, control))
+        except DivergenceError as exc:
+            _report_divergence(exc, state, history, fixed)
+    finally:
+        control.ended()
 
 
 def _report_divergence(exc: DivergenceError, state: dict[str, Any] | None, history: list[dict[str, Any]],
@@ -124,9 +180,9 @@ def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def search_trainable(config: dict[str, Any], op_sets: Mapping[str, Any],
-                     data: Mapping[str, Any] | None = None) -> None:
+                     data: Mapping[str, Any] | None = None, stop_board: str | None = None) -> None:
     """One DARTS search. config: op_set (id), F, seed, base (SearchConfig fields); op_sets: id -> mapping,
-    and data (see ``_data``), shared by the stage's trials."""
+    data (see ``_data``) and the driver's stop board (``sweeps.stopping``), shared by the stage's trials."""
     _set_threads()
     config = flat_config(config)
     op_set = dict(op_sets[config["op_set"]])
@@ -138,12 +194,7 @@ def search_trainable(config: dict[str, Any], op_sets: Mapping[str, Any],
     images = _data(data, cfg.dataset, cfg.data_dir)
     fixed = {"stage": "search", "op_set": resolved.id, "seed": cfg.seed,
              "F": resolved.used_bottleneck_ratio, "train_images": len(images.train_y), **lam}
-    state, history = _restore()
-    try:
-        run_search(cfg, data=images, device=_device(), resume=state,
-                   on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed, history))
-    except DivergenceError as exc:
-        _report_divergence(exc, state, history, fixed)
+    _run_trial(run_search, cfg, images, fixed, config, stop_board)
 
 
 def eval_trial_config(config: dict[str, Any], genotypes: Mapping[str, Any]) -> tuple[EvalConfig, dict[str, Any]]:
@@ -164,22 +215,18 @@ def eval_trial_config(config: dict[str, Any], genotypes: Mapping[str, Any]) -> t
 
 
 def eval_trainable(config: dict[str, Any], genotypes: Mapping[str, Any],
-                   data: Mapping[str, Any] | None = None) -> None:
+                   data: Mapping[str, Any] | None = None, stop_board: str | None = None) -> None:
     """One evaluation training. config: genotype (id), layers, seed, F, base; genotypes: id -> entry
-    (``{"genotype": ..., "op_set": ..., "source_trial": ...}``) and data (see ``_data``), shared by the
-    stage's trials."""
+    (``{"genotype": ..., "op_set": ..., "source_trial": ...}``), data (see ``_data``) and the driver's stop
+    board, shared by the stage's trials."""
     _set_threads()
-    cfg, fixed = eval_trial_config(flat_config(config), genotypes)
+    config = flat_config(config)
+    cfg, fixed = eval_trial_config(config, genotypes)
     images = _data(data, cfg.dataset, cfg.data_dir)
     fixed["train_images"] = len(images.train_y)
     if cfg.latency:
         fixed.update(_latency(cfg, images))
-    state, history = _restore()
-    try:
-        run_eval(cfg, data=images, device=_device(), resume=state,
-                 on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed, history))
-    except DivergenceError as exc:
-        _report_divergence(exc, state, history, fixed)
+    _run_trial(run_eval, cfg, images, fixed, config, stop_board)
 
 
 def _latency(cfg: EvalConfig, data: ImageData) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The driver SIGKILLed mid-sweep; `dartsweep sweep resume DIR` finishes it; finished trials stay untouched."""
+"""The driver SIGKILLed mid-sweep, alone or with its Ray, several times; `dartsweep sweep up` finishes it;
+finished trials stay untouched."""
 
 import json
 import os
@@ -28,11 +29,18 @@ def trial_dirs(stage_dir: Path) -> list[Path]:
     return sorted(p for p in stage_dir.glob("eval_*") if (p / "result.json").exists())
 
 
-def test_driver_sigkill_then_resume(tmp_path, kill="process_group"):
-    """The driver SIGKILLed with its embedded Ray, as a job scheduler kills a job. (``kill="driver_only"``,
-    ``kill -9 PID``, is not run in CI: the killed driver's trial worker trains on for a second or two and can
-    replace the checkpoint the saved experiment names before any resume starts, so that resume fails a trial
-    now and then; the takeover's stopping of leftovers is tested in tests/test_sweep_lifecycle.py.)"""
+def _finished(stage: Path) -> dict[Path, bytes]:
+    return {d: (d / "result.json").read_bytes() for d in trial_dirs(stage) if epochs_of(d)[-1:] == [EPOCHS]}
+
+
+@pytest.mark.parametrize("kill,rounds", [("process_group", 1), ("driver_only", 3)])
+def test_driver_killed_then_up_finishes(tmp_path, kill, rounds):
+    """The driver SIGKILLed mid-stage, ``rounds`` times over, each time after one more trial finished:
+    with its embedded Ray (``process_group``, as a job scheduler kills a job) or alone (``driver_only``,
+    ``kill -9 PID``: its trial worker trains on for a moment and writes checkpoints after the driver's last
+    experiment snapshot, the race that made Ray Tune's own checkpoints unrecoverable; dartsweep's trials
+    restore from their newest complete checkpoint on storage). ``sweep up`` continues each time; at the end
+    every trial holds every epoch once and no trial that had finished was touched."""
     # DARTS_V2 has no op that uses F: the F list is folded away (4 trials, not 8), and the resumed grid's F
     # comes from Ray's restored sample_from
     raw = sweep_file(tmp_path, "killed", evaluation={"genotypes": ["DARTS_V2"], "layers": [1, 2], "seeds": [0, 1],
@@ -42,60 +50,58 @@ def test_driver_sigkill_then_resume(tmp_path, kill="process_group"):
     file = tmp_path / "killed.yaml"
     file.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "run.log", "w")
-    driver = subprocess.Popen(cli("sweep", "run", str(file), "--storage", str(tmp_path), "--verbose", "0"),
-                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     stage = tmp_path / "killed" / "eval"
     finished: dict[Path, bytes] = {}
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and driver.poll() is None:
-            done = [d for d in trial_dirs(stage) if epochs_of(d)[-1:] == [EPOCHS]]
-            running = [d for d in trial_dirs(stage) if d not in done]
-            if done and running:
-                time.sleep(2.5)  # past one experiment-state save (TUNE_GLOBAL_CHECKPOINT_S=2)
-                finished = {d: (d / "result.json").read_bytes() for d in trial_dirs(stage)
-                            if epochs_of(d)[-1:] == [EPOCHS]}
-                if kill == "process_group":
-                    os.killpg(driver.pid, signal.SIGKILL)
-                else:
-                    os.kill(driver.pid, signal.SIGKILL)
-                break
-            time.sleep(0.2)
-        driver.wait(30)
-        assert driver.returncode == -signal.SIGKILL, "the sweep ended before the kill: " + \
-            (tmp_path / "run.log").read_text()[-3000:]
-        assert finished
-        state = json.loads((tmp_path / "killed" / "state.json").read_text())
-        assert state["stages"].get("eval") != "done"
-
-        holder = json.loads((tmp_path / "killed" / "driver.lock").read_text())
-        session, raylet = holder.get("ray_session"), holder.get("raylet_pid")
-        assert session and session.startswith("session_") and raylet  # the driver recorded its embedded Ray
-        orphans = ray_processes(session, raylet)
-        if kill == "driver_only":
-            assert orphans, "killed alone, the driver left no Ray processes: this test no longer tests the race"
-        resume = subprocess.run(cli("sweep", "resume", str(tmp_path / "killed"), "--verbose", "0"),
-                                capture_output=True, text=True, env=env, timeout=300)
-        assert resume.returncode == 0, resume.stderr[-3000:]
-        assert "taking over the lock of a driver that is gone" in resume.stderr  # the killed driver's lock
-        # the workers outlive the driver by a second or two: gone by now, on their own or stopped by the
-        # resumed driver (which says so; tests/test_sweep_lifecycle.py stops stand-ins deterministically)
-        assert not ray_processes(session, raylet)
-        dirs = trial_dirs(stage)
-        status = subprocess.run(cli("sweep", "status", str(tmp_path / "killed")), capture_output=True, text=True)
-        assert len(dirs) == 4, status.stdout
-        for d in dirs:  # every epoch once, in order, as analysis reads it (result.json alone can lose some)
-            epochs = [r["epoch"] for r in trial_history(d)]
-            assert epochs == list(range(1, EPOCHS + 1)), (d.name, epochs, epochs_of(d), status.stdout,
-                                                          resume.stderr[-4000:])
-        for d, content in finished.items():
-            assert (d / "result.json").read_bytes() == content  # finished trials untouched
-        assert status.returncode == 0 and status.stdout.strip().splitlines()[-1] == "trials: 4 finished"
-        assert all(json.loads((d / "params.json").read_text())["F"] is None for d in dirs)
-    finally:
+    up = cli("sweep", "up", str(file), "--storage", str(tmp_path), "--verbose", "0")
+    for round_ in range(rounds):
+        log = open(tmp_path / f"run{round_}.log", "w")
+        driver = subprocess.Popen(up, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            os.killpg(driver.pid, signal.SIGKILL)  # Ray processes the killed driver left behind
-        except ProcessLookupError:
-            pass
-        log.close()
+            deadline = time.time() + 180
+            while time.time() < deadline and driver.poll() is None:
+                done = _finished(stage)
+                running = [d for d in trial_dirs(stage) if d not in done]
+                if len(done) > len(finished) and running:
+                    time.sleep(2.5)  # past one experiment-state save (TUNE_GLOBAL_CHECKPOINT_S=2)
+                    now = _finished(stage)
+                    for d, content in finished.items():
+                        assert now[d] == content, f"round {round_}: {d.name} changed after it had finished"
+                    finished = now
+                    if kill == "process_group":
+                        os.killpg(driver.pid, signal.SIGKILL)
+                    else:
+                        os.kill(driver.pid, signal.SIGKILL)
+                    break
+                time.sleep(0.2)
+            driver.wait(30)
+            assert driver.returncode == -signal.SIGKILL, f"round {round_}: the sweep ended before the kill: " + \
+                (tmp_path / f"run{round_}.log").read_text()[-3000:]
+            state = json.loads((tmp_path / "killed" / "state.json").read_text())
+            assert state["stages"].get("eval") != "done"
+            holder = json.loads((tmp_path / "killed" / "driver.lock").read_text())
+            session, raylet = holder.get("ray_session"), holder.get("raylet_pid")
+            assert session and session.startswith("session_") and raylet  # the driver recorded its embedded Ray
+        finally:
+            try:
+                os.killpg(driver.pid, signal.SIGKILL if kill == "process_group" else 0)
+            except ProcessLookupError:
+                pass
+            log.close()
+    assert len(finished) >= rounds
+    resume = subprocess.run(up, capture_output=True, text=True, env=env, timeout=300)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    assert "taking over the lock of a driver that is gone" in resume.stderr  # the killed driver's lock
+    # the workers outlive the driver by a second or two: gone by now, on their own or stopped by the
+    # resumed driver (tests/test_sweep_lifecycle.py stops stand-ins deterministically)
+    assert not ray_processes(session, raylet)
+    dirs = trial_dirs(stage)
+    status = subprocess.run(cli("sweep", "status", str(tmp_path / "killed")), capture_output=True, text=True)
+    assert len(dirs) == 4, status.stdout
+    for d in dirs:  # every epoch once, in order, as analysis reads it (result.json alone can lose some)
+        epochs = [r["epoch"] for r in trial_history(d)]
+        assert epochs == list(range(1, EPOCHS + 1)), (d.name, epochs, epochs_of(d), status.stdout,
+                                                      resume.stderr[-4000:])
+    for d, content in finished.items():
+        assert (d / "result.json").read_bytes() == content  # finished trials untouched
+    assert status.returncode == 0 and "trials: 4 finished" in status.stdout
+    assert all(json.loads((d / "params.json").read_text())["F"] is None for d in dirs)

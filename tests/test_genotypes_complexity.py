@@ -107,3 +107,20 @@ def test_derive_genotype_on_crafted_alpha():
                         ("sep_conv_5x5", 3), ("dil_conv_3x3", 1), ("sep_conv_3x3", 4), ("skip_connect", 0))
     assert all(op != "none" for op, _ in g.reduce)
     assert g.normal_concat == (2, 3, 4, 5)
+
+
+@pytest.mark.parametrize("layers", [1, 3, 7, 20])
+def test_counting_by_parts_equals_counting_the_whole_network(layers):
+    """complexity() adds up stem, cells and head (each distinct cell counted once, so a grid over depths
+    is cheap); ptflops counts module by module, so the sum is the whole network's count exactly."""
+    from nas.complexity import _measure, complexity
+    from nas.eval_network import EvalNetwork
+    from nas.genotypes import DARTS_V2, PIBCONV
+    from sweeps.spec import genotype_for_trial
+
+    for genotype in (DARTS_V2, genotype_for_trial(PIBCONV.to_dict(), 2.5)):
+        for channels, classes, in_channels, size in ((36, 10, 3, 32), (8, 100, 1, 8)):
+            parts = complexity(genotype, layers, channels, classes, in_channels, size)
+            whole = _measure(EvalNetwork(genotype, channels, layers, classes, in_channels, auxiliary=False).eval(),
+                             in_channels, size)
+            assert parts == whole, (genotype.id, layers, channels)

@@ -75,11 +75,11 @@ def test_lock_sigint_resume_and_quiet_console(tmp_path):
     assert status.stdout.strip().splitlines()[-1] == "trials: 4 finished", status.stdout
     # the console: dartsweep's lines and progress only, no Ray worker lines, no colour codes
     for text in (err, resume.stderr):
-        assert "pid=" not in text and "\x1b[" not in text and "Checkpoint successfully created" not in text
+        assert "pid=" not in text and "\x1b[" not in text and "Trial status:" not in text
         assert all(line.startswith(("[dartsweep]", "dartsweep:")) for line in text.strip().splitlines()), text
     assert "eval: 4/4 finished, 0 running, 0 errored; best test_acc" in resume.stderr
     log = (sweep / "driver.log").read_text()  # Ray's own output, kept for debugging, colour codes stripped
-    assert "Checkpoint successfully created" in log and "\x1b[" not in log
+    assert "Trial status:" in log and "started with configuration" in log and "\x1b[" not in log
 
 
 def test_exit_code_1_names_the_failed_trials(tmp_path):

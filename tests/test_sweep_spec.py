@@ -167,7 +167,8 @@ def test_cli_dry_run_and_bad_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert sum(r["stage"] == "eval" for r in rows) == 2
-    data_line, plan_line = proc.stderr.strip().splitlines()
+    data_line, plan_line, *cost_lines = proc.stderr.strip().splitlines()
+    assert any(line.startswith("t: total: ~") and "core-hours" in line for line in cost_lines), cost_lines
     assert data_line.startswith("t: data: digits from scikit-learn's bundled copy, loaded once by the driver")
     assert plan_line == "t: 2 search trial(s), 2 eval trial(s); nothing launched"
     assert not (tmp_path / "results").exists()

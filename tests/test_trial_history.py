@@ -104,27 +104,48 @@ def eval_config(tmp_path):
 
 
 def test_trainable_saves_its_history_in_every_checkpoint_and_continues_it(eval_config, tmp_path, monkeypatch):
-    saved: dict[int, Path] = {}
+    from sweeps.checkpoints import TrialStore
 
-    def report(metrics, checkpoint=None):
-        if checkpoint is not None:  # what Ray would persist: a copy of the checkpoint folder
-            saved[metrics["epoch"]] = Path(shutil.copytree(checkpoint.path, tmp_path / f"ckpt{metrics['epoch']}"))
-
-    monkeypatch.setattr(trainables.tune, "report", report)
+    store = TrialStore.at(tmp_path / "trial")  # the trial's folder on the sweep's storage
+    reports: list[dict] = []
+    monkeypatch.setattr(trainables, "_trial_store", lambda: store)
+    monkeypatch.setattr(trainables.tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
     monkeypatch.setattr(trainables.tune, "get_checkpoint", lambda: None)
     trainables.eval_trainable(*eval_config)
-    first = json.loads((saved[3] / "history.json").read_text())
+    assert [r["epoch"] for r in reports] == [1, 2, 3] and store.complete() == [2, 3]
+    first = json.loads(store.read(3, "history.json"))
     assert [h["epoch"] for h in first] == [1, 2, 3] and all(h["genotype_id"] for h in first)
 
-    # restored from epoch 2's checkpoint (as after a crash): epochs 1-2 come back, 3 is trained again
-    from ray import tune
-
-    monkeypatch.setattr(trainables.tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(saved[2])))
-    shutil.rmtree(saved.pop(3))
+    # killed while epoch 3's checkpoint was written: epoch 2's is the newest complete one; epochs 1-2 come
+    # back with it and only epoch 3 is trained again
+    (tmp_path / "trial" / "checkpoints" / "epoch_000003" / "complete.json").unlink()
+    reports.clear()
     trainables.eval_trainable(*eval_config)
-    again = json.loads((saved[3] / "history.json").read_text())
+    assert [r["epoch"] for r in reports] == [3]
+    again = json.loads(store.read(3, "history.json"))
     assert [h["epoch"] for h in again] == [1, 2, 3]
     assert again[:2] == first[:2]  # the restored epochs are the ones reported before, unchanged
+
+    # finished, but started again (its driver died before it saw the end): nothing trains, the last epoch
+    # is reported once more for Tune, marked so that the loggers do not write it twice
+    reports.clear()
+    trainables.eval_trainable(*eval_config)
+    assert len(reports) == 1 and reports[0]["epoch"] == 3 and reports[0][trainables.REPLAYED] is True
+
+
+def test_loggers_skip_a_replayed_report(tmp_path):
+    class Trial(types.SimpleNamespace):
+        __hash__ = object.__hash__
+
+    base = fake_trial(tmp_path / "staging", tmp_path / "stored")
+    trial = Trial(**vars(base), config={}, init_local_path=lambda: (tmp_path / "staging").mkdir(exist_ok=True))
+    trial.checkpoint = None
+    (tmp_path / "staging").mkdir()
+    logger = JsonLogger()
+    logger.log_trial_result(1, trial, {"epoch": 1})
+    logger.log_trial_result(1, trial, {"epoch": 1, trainables.REPLAYED: True})
+    logger.log_trial_end(trial)
+    assert [r["epoch"] for r in trial_history(tmp_path / "staging")] == [1]
 
 
 def fake_trial(local: Path, stored: Path) -> types.SimpleNamespace:
@@ -144,7 +165,9 @@ def test_logger_takes_the_stored_copy_when_it_holds_more(tmp_path):
     local, stored = tmp_path / "staging", tmp_path / "stored"
     write_results(stored, [{"epoch": 1}, {"epoch": 2}])
     local.mkdir()  # Ray creates the staging folder before restoring into it
-    JsonLogger()._restore_from_remote("result.json", fake_trial(local, stored))  # a new driver: nothing local
+    fresh = fake_trial(local, stored)
+    fresh.checkpoint = None  # no Tune checkpoint (dartsweep's trials keep their own): Ray itself would not copy
+    JsonLogger()._restore_from_remote("result.json", fresh)  # a new driver: nothing local
     assert [r["epoch"] for r in trial_history(local)] == [1, 2]
     write_results(local, [{"epoch": 1}])
     JsonLogger()._restore_from_remote("result.json", fake_trial(local, stored))
