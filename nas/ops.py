@@ -332,14 +332,16 @@ def cell_layout(layers: int) -> list[bool]:
     return [i in (layers // 3, 2 * layers // 3) for i in range(layers)]
 
 
-STEMS = ("conv3x3", "patchify")
+STEMS = ("conv3x3", "patchify", "patchify_bias")
 
 
 def stem(in_channels: int, out_channels: int, kind: str = "conv3x3") -> nn.Sequential:
     """The network's stem. "conv3x3": DARTS' 3x3 conv + BN. "patchify": the released PIBConv search network's
-    4x4 stride-4 conv (padding 1) + channels-first LayerNorm, which makes 32x32 inputs 8x8 maps."""
-    if kind == "patchify":
-        return nn.Sequential(nn.Conv2d(in_channels, out_channels, 4, stride=4, padding=1),
+    4x4 stride-4 conv (padding 1, no bias) + channels-first LayerNorm, which makes 32x32 inputs 8x8 maps.
+    "patchify_bias": the same with a conv bias, as dartsweep's third release built it (its sweeps resume
+    as the networks they trained)."""
+    if kind in ("patchify", "patchify_bias"):
+        return nn.Sequential(nn.Conv2d(in_channels, out_channels, 4, stride=4, padding=1, bias=kind == "patchify_bias"),
                              LayerNorm2d(out_channels, eps=1e-6))
     if kind != "conv3x3":
         raise ConfigError(f"stem: must be one of {', '.join(STEMS)}, got {kind!r}")

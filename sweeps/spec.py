@@ -9,6 +9,7 @@ bad value. Nothing in the file is evaluated as code.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -24,10 +25,13 @@ from nas.opsets import OP_SETS, OpSet, resolve_op_set
 
 TOP_KEYS = {"name", "description", "dataset", "data_dir", "data_transfer", "storage", "search", "eval",
             "failure", "max_concurrent_trials", "format"}
-# The sweep.yaml a driver freezes says `format: 2`; one without it was written by dartsweep's first release,
+# The sweep.yaml a driver freezes says `format: 3`; one without it was written by dartsweep's first release,
 # whose preset names and option-less mappings meant the first release's networks (see nas.ops
-# FIRST_RELEASE_OPTIONS), and whose trial configs name op sets and genotypes by first-release ids.
-SWEEP_FORMAT = 2
+# FIRST_RELEASE_OPTIONS), and whose trial configs name op sets and genotypes by first-release ids. Format 2
+# (the second and third releases) built the patchify stem with a conv bias: its op sets resume with stem
+# `patchify_bias`, under their old table keys.
+SWEEP_FORMAT = 3
+READABLE_FORMATS = (2, 3)
 # how trials get their data: the driver loads it once and Ray's object store carries it to every node
 # (default), or each trial reads data_dir itself, which must then be a folder every node sees
 DATA_TRANSFERS = ("object_store", "shared_path")
@@ -244,7 +248,8 @@ def table_key(item: OpSet | Genotype, first_release: bool) -> str:
     return item.first_release_id if first_release else item.id
 
 
-def _search_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, first_release: bool = False) -> Stage:
+def _search_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, first_release: bool = False,
+                  biased_patchify: bool = False) -> Stage:
     where = "search"
     if not isinstance(raw, Mapping):
         raise _fail(where, "must be a mapping of settings")
@@ -273,7 +278,10 @@ def _search_stage(raw: Any, dataset: str, data_dir: str, base_dir: Path, first_r
             raise _fail(f"{where}.op_sets[{i}]", str(exc)) from None
         for ratio in (F if isinstance(F, list) else [None]):
             op_set = preset.with_ratio(float(ratio)) if ratio is not None and preset.uses_bottleneck_ratio else preset
-            op_sets[table_key(op_set, first_release)] = op_set.to_dict()
+            key = table_key(op_set, first_release)
+            if biased_patchify and op_set.stem == "patchify":  # format 2: the stem had a bias; same key
+                op_set = dataclasses.replace(op_set, stem="patchify_bias")
+            op_sets[key] = op_set.to_dict()
     seeds = _seeds(raw, where)
     base_full = {**base, "dataset": dataset, "data_dir": data_dir}
     for seed in seeds:  # every trial's config is built once here, so bad values fail now
@@ -404,9 +412,12 @@ def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = Fals
         raise ConfigError(f"data_transfer: must be one of {', '.join(DATA_TRANSFERS)}, got {data_transfer!r}")
     if "search" not in raw and "eval" not in raw:
         raise ConfigError("a sweep needs a 'search' stage, an 'eval' stage, or both")
-    if raw.get("format", SWEEP_FORMAT) != SWEEP_FORMAT:
-        raise ConfigError(f"format: this dartsweep writes and reads format {SWEEP_FORMAT}, got {raw['format']!r}")
-    search = _search_stage(raw["search"], dataset, data_dir, base_dir, first_release) if "search" in raw else None
+    fmt = raw.get("format", SWEEP_FORMAT)
+    if fmt not in READABLE_FORMATS:
+        raise ConfigError(f"format: this dartsweep writes format {SWEEP_FORMAT} and reads "
+                          f"{', '.join(map(str, READABLE_FORMATS))}, got {fmt!r}")
+    search = (_search_stage(raw["search"], dataset, data_dir, base_dir, first_release, biased_patchify=fmt == 2)
+              if "search" in raw else None)
     evaluation = (_eval_stage(raw["eval"], dataset, data_dir, base_dir, search is not None, first_release)
                   if "eval" in raw else None)
     failure = raw.get("failure")
@@ -428,7 +439,7 @@ def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = Fals
         resolved["storage"] = storage
     if search is not None and search.base.get("cost_lut") is not None:
         resolved["search"]["cost_lut"] = search.base["cost_lut"]
-    resolved["format"] = SWEEP_FORMAT
+    resolved["format"] = fmt  # a frozen format-2 sweep stays format 2 (its stems keep their bias)
     return SweepSpec(name, dataset, data_dir, data_transfer, storage, search, evaluation, max_failures, mct,
                      resolved, first_release)
 

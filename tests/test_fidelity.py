@@ -77,7 +77,10 @@ def test_search_networks_stems_pooling_bn_and_op_lists():
         first = net.stem[0]
         if stem == "patchify":  # 4x4 stride-4 conv, padding 1, then a channels-first LayerNorm: 32x32 -> 8x8
             assert (first.kernel_size, first.stride, first.padding) == ((4, 4), (4, 4), (1, 1))
+            assert first.bias is None  # the released model_search.py: nn.Conv2d(3, C, 4, 4, 1, bias=False)
             assert isinstance(net.stem[1], LayerNorm2d) and net.stem(x).shape[-2:] == (8, 8)
+            assert net.stem[1].norm.eps == 1e-6 and len(net.stem) == 2
+            assert [n for n, _ in net.stem.named_parameters()] == ["0.weight", "1.norm.weight", "1.norm.bias"]
         else:
             assert first.kernel_size == (3, 3) and isinstance(net.stem[1], nn.BatchNorm2d)
             assert net.stem(x).shape[-2:] == (32, 32)
@@ -129,7 +132,7 @@ def test_ids_name_the_form():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("stem", "patchify4", "stem: must be one of conv3x3, patchify, got 'patchify4'"),
+    ("stem", "patchify4", "stem: must be one of conv3x3, patchify, patchify_bias, got 'patchify4'"),
     ("activation_scope", "some", "activation_scope: must be one of blocks, all, got 'some'"),
     ("pooling_bn", "no", "pooling_bn: must be true or false, got 'no'"),
 ])
@@ -209,3 +212,28 @@ def test_complexity_of_search_networks_and_effective_F():
     assert run("--genotype", "PIBCONV", "--layers", "10")["effective_F"] == {}
     assert main(["complexity", "--genotype", "PIBCONV", "--layers", "100000"]) == 2  # refused, not allocated
     assert main(["complexity", "--genotype", "PIBCONV", "--op-set", "pibconv", "--layers", "2"]) == 2
+
+
+def test_third_release_sweeps_keep_their_biased_patchify_stem(tmp_path):
+    """A sweep frozen by the third release (format 2) built pibconv_released's stem with a conv bias: it
+    resumes as that network, under its old trial key, reported with an id that says so; new sweeps get the
+    released (bias-free) stem."""
+    from sweeps.spec import parse_sweep
+
+    raw = {"name": "s", "dataset": "digits", "search": {"op_sets": ["pibconv_released"], "F": [2.0], "seeds": [0],
+                                                        "epochs": 1}}
+    new = parse_sweep(raw)
+    old = parse_sweep({**raw, "format": 2})
+    assert list(new.search.axes["op_sets"]) == list(old.search.axes["op_sets"]) == ["pibconv_released"]
+    new_set = OpSet.from_dict(new.search.axes["op_sets"]["pibconv_released"])
+    old_set = OpSet.from_dict(old.search.axes["op_sets"]["pibconv_released"])
+    assert (new_set.stem, new_set.id) == ("patchify", "pibconv_released")
+    assert (old_set.stem, old_set.id) == ("patchify_bias", "pibconv_released-patchify_bias")
+    assert old.raw["format"] == 2 and new.raw["format"] == 3
+    biased = SearchNetwork(old_set, 4, 3, 2).stem[0]
+    assert biased.bias is not None and biased.bias.shape == (12,)  # 3 x C stem channels
+    # a checkpoint of the biased network loads into the network the old sweep's trials now build
+    net = SearchNetwork(old_set, 4, 3, 2)
+    net.load_state_dict(SearchNetwork(old_set, 4, 3, 2).state_dict())
+    with pytest.raises(RuntimeError):
+        SearchNetwork(new_set, 4, 3, 2).load_state_dict(net.state_dict())
