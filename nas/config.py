@@ -94,10 +94,19 @@ class SearchConfig:
     cost_metric: str = "gmac"  # cost-aware search (nas.cost): gmac | params | latency
     cost_weight: float = 0.0  # lambda of the expected-cost term; 0: plain DARTS
     cost_lut: str | None = None  # latency: a table from `dartsweep lut build` for this network and device
+    # early stopping (nas.train.search_stop_reason), each off by default, neither before stop_min_epochs:
+    stop_when_stable: int | None = None  # stop when the derived genotype has not changed for this many epochs
+    max_skip_connects: int | None = None  # DARTS+: stop, flagged collapsed, when the normal cell holds more
+    stop_min_epochs: int = 10
 
     def __post_init__(self) -> None:
         _common_checks(self)
         _positive("nodes", self.nodes, integer=True)
+        if self.stop_when_stable is not None:
+            _positive("stop_when_stable", self.stop_when_stable, integer=True)
+        if self.max_skip_connects is not None:
+            _positive("max_skip_connects", self.max_skip_connects, integer=True, allow_zero=True)
+        _positive("stop_min_epochs", self.stop_min_epochs, integer=True, allow_zero=True)
         _positive("cost_weight", self.cost_weight, allow_zero=True)
         if self.cost_metric not in ("gmac", "params", "latency"):
             raise ConfigError(f"cost_metric: must be one of gmac, params, latency, got {self.cost_metric!r}")

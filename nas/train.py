@@ -309,10 +309,38 @@ def run_search(config: SearchConfig, *, data: ImageData | None = None, device: s
             "alpha_reduce": w_reduce.tolist(), "primitives": list(model.op_set.primitives),
             "epoch_time_s": elapsed, "images_per_s": totals.seen / elapsed if elapsed > 0 else 0.0,
         }
+        reason = search_stop_reason(config, [*state.history, metrics])
+        if reason is not None:
+            metrics.update(stop_reason=reason, collapsed=reason.startswith("collapsed"))
         state.history.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics, make_checkpoint)
+        if reason is not None:
+            break
     return SearchResult(model.genotype(), state.history)
+
+
+def search_stop_reason(config: SearchConfig, history: list[Metrics]) -> str | None:
+    """Why the search should stop after the last epoch of ``history``, or None to go on. From
+    ``stop_min_epochs`` on: more than ``max_skip_connects`` skip_connects in the derived normal cell (the
+    DARTS+ collapse criterion: the search has started to prefer parameter-free ops), or a derived genotype
+    unchanged for ``stop_when_stable`` epochs (the search has settled; more epochs only sharpen alpha)."""
+    epoch = history[-1]["epoch"]
+    if epoch < config.stop_min_epochs or epoch >= config.epochs:
+        return None
+    genotype = history[-1]["genotype"]
+    if config.max_skip_connects is not None:
+        skips = sum(op == "skip_connect" for op, _ in genotype["normal"])
+        if skips > config.max_skip_connects:
+            return f"collapsed: {skips} skip_connects in the normal cell at epoch {epoch} (more than " \
+                   f"{config.max_skip_connects})"
+    k = config.stop_when_stable
+    if k is not None and len(history) > k:
+        recent = history[-(k + 1):]
+        contiguous = [h["epoch"] for h in recent] == list(range(epoch - k, epoch + 1))
+        if contiguous and all(h["genotype"] == genotype for h in recent):
+            return f"settled: genotype unchanged for {k} epochs at epoch {epoch}"
+    return None
 
 
 # -------------------------------------------------------------------------------------------------- eval
