@@ -47,12 +47,33 @@ def default_reference(cost: pd.Series) -> tuple[float, float]:
     return 0.0, float(cost.max()) * 1.1
 
 
-def pareto_set(trials: pd.DataFrame, cost: str = "gmac", accuracy: str = "final_acc") -> pd.DataFrame:
-    """Finished eval trials on the (accuracy up, ``cost`` down) front, sorted by cost."""
-    done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=[cost, accuracy])
+NETWORK_KEYS = ["sweep", "genotype_id", "cell", "layers"]
+
+
+def network_means(trials: pd.DataFrame, accuracy: str = "final_acc") -> pd.DataFrame:
+    """One row per network (sweep, genotype, layers) over its finished eval trials: ``accuracy`` as the mean
+    over seeds, ``acc_std`` (NaN for one seed), ``seeds`` (how many), costs (params, GMAC: the same for
+    every seed; latency and throughput: medians) and ``trial_ids``. DARTS-space differences are often
+    within seed noise: fronts and tables are made of these means, with the spread beside them."""
+    done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=[accuracy])
+    keys = [k for k in NETWORK_KEYS if k in done.columns]
+    medians = {c: (c, "median") for c in ("latency_ms", "throughput_img_s", "ms_per_image") if c in done.columns}
     if done.empty:
-        return done
-    return done[pareto_mask(done[accuracy].to_numpy(), done[cost].to_numpy())].sort_values([cost, accuracy])
+        return pd.DataFrame(columns=[*keys, accuracy, "acc_std", "seeds", "params_m", "gmac", *medians, "trial_ids"])
+    grouped = done.groupby(keys, dropna=False, as_index=False).agg(
+        **{accuracy: (accuracy, "mean")}, acc_std=(accuracy, "std"), seeds=(accuracy, "size"),
+        params_m=("params_m", "mean"), gmac=("gmac", "mean"), **medians,
+        trial_ids=("trial_id", lambda ids: ";".join(sorted(map(str, ids)))))
+    return grouped
+
+
+def pareto_set(trials: pd.DataFrame, cost: str = "gmac", accuracy: str = "final_acc") -> pd.DataFrame:
+    """Networks (:func:`network_means`: mean accuracy over seeds) on the (accuracy up, ``cost`` down) front,
+    sorted by cost."""
+    means = network_means(trials, accuracy).dropna(subset=[cost, accuracy])
+    if means.empty:
+        return means
+    return means[pareto_mask(means[accuracy].to_numpy(), means[cost].to_numpy())].sort_values([cost, accuracy])
 
 
 def ratio_curves(trials: pd.DataFrame, accuracy: str = "final_acc") -> pd.DataFrame:

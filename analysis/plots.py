@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.frames import trial_history  # noqa: E402
-from analysis.pareto import layer_curves, pareto_mask, ratio_curves  # noqa: E402
+from analysis.pareto import layer_curves, network_means, pareto_mask, ratio_curves  # noqa: E402
 from nas.genotypes import Genotype  # noqa: E402
 
 FORMATS = ("png", "svg")
@@ -98,20 +98,27 @@ def accuracy_vs_ratio(trials: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def accuracy_vs_cost(trials: pd.DataFrame, out: Path, cost: str = "gmac") -> list[Path]:
+    """Each network's mean test accuracy over its seeds (error bar: the standard deviation; each seed a faint
+    dot), and the Pareto front of the means."""
     done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=[cost, "final_acc"])
+    means = network_means(done).dropna(subset=[cost, "final_acc"])
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for key, group in done.groupby("cell"):
-        ax.scatter(group[cost], group.final_acc, label=str(key), s=22, zorder=3)
-    if len(done):
-        mask = pareto_mask(done.final_acc.to_numpy(), done[cost].to_numpy())
-        front = done[mask].sort_values(cost)
-        ax.step(front[cost], front.final_acc, where="post", color="k", lw=1, ls="--", label="Pareto front", zorder=2)
+    for key, group in means.groupby("cell"):
+        bars = ax.errorbar(group[cost], group.final_acc, yerr=group.acc_std.fillna(0), fmt="o", ms=4.5, capsize=3,
+                           label=str(key), zorder=3)
+        seeds = done[done.cell == key]
+        if (group.seeds > 1).any():
+            ax.scatter(seeds[cost], seeds.final_acc, s=8, alpha=0.35, color=bars[0].get_color(), zorder=2)
+    if len(means):
+        mask = pareto_mask(means.final_acc.to_numpy(), means[cost].to_numpy())
+        front = means[mask].sort_values(cost)
+        ax.step(front[cost], front.final_acc, where="post", color="k", lw=1, ls="--",
+                label="Pareto front (means)", zorder=2)
         ax.legend(fontsize=8)
-        place_labels(ax, done[cost].to_numpy(), done.final_acc.to_numpy(),
-                     [f"{int(n)}" for n in done.layers])
+        place_labels(ax, means[cost].to_numpy(), means.final_acc.to_numpy(), [f"{int(n)}" for n in means.layers])
     unit, title, stem = COSTS[cost]
     ax.set_xlabel(unit)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title(f"Accuracy vs {title} (labels: layers)")
     ax.grid(alpha=0.3)
     return _save(fig, out, f"accuracy_vs_{stem}")

@@ -10,14 +10,15 @@ import pandas as pd
 
 from analysis import plots
 from analysis.frames import eval_stage_table, load_frames
-from analysis.pareto import default_reference, hypervolume, pareto_set
+from analysis.paper import SOURCE, beside_paper
+from analysis.pareto import default_reference, hypervolume, network_means, pareto_set
 from nas.errors import ConfigError
 from nas.genotypes import Genotype
 from nas.io import write_text_atomic
 from sweeps.spec import genotype_for_trial
 
-TABLE1_COLUMNS = {"cell": "Genotype", "layers": "Eval. Layers", "final_acc": "Test Acc. (%)",
-                  "params_m": "Params (M)", "gmac": "GMAC"}
+TABLE1_COLUMNS = {"cell": "Genotype", "layers": "Eval. Layers", "final_acc": "Test Acc. (%)", "acc_std": "± std",
+                  "seeds": "Seeds", "params_m": "Params (M)", "gmac": "GMAC"}
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -37,15 +38,13 @@ def _fmt(value) -> str:
 
 
 def table1(trials: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 1 layout over finished eval trials (mean over seeds)."""
-    done = trials[(trials.stage == "eval") & (trials.status == "finished")]
-    if done.empty:
+    """The paper's Table 1 layout over finished eval trials: mean test accuracy over seeds, its standard
+    deviation (blank for one seed) and the seed count."""
+    means = network_means(trials)
+    if means.empty:
         return pd.DataFrame(columns=list(TABLE1_COLUMNS.values()))
-    latency = "latency_ms" in done and done.latency_ms.notna().any()
-    extra = {"latency_ms": ("latency_ms", "median")} if latency else {}
-    grouped = done.groupby(["cell", "layers"], as_index=False).agg(
-        final_acc=("final_acc", "mean"), params_m=("params_m", "mean"), gmac=("gmac", "mean"), **extra)
-    grouped = grouped.sort_values(["cell", "layers"], ascending=[True, False])
+    latency = "latency_ms" in means and means.latency_ms.notna().any()
+    grouped = means.sort_values(["cell", "layers"], ascending=[True, False])
     grouped["layers"] = grouped.layers.astype(int)
     columns = {**TABLE1_COLUMNS, **({"latency_ms": "Latency (ms)"} if latency else {})}
     return grouped[list(columns)].rename(columns=columns).reset_index(drop=True)
@@ -101,14 +100,20 @@ def analyze(sweep_dir: str | Path | list[str | Path], out: str | Path | None = N
     t1 = table1(trials)
     t1.to_csv(out / "table1.csv", index=False)
     write_text_atomic(out / "table1.md", markdown_table(t1))
+    paper = beside_paper(network_means(trials))
+    paper.to_csv(out / "table1_vs_paper.csv", index=False)
+    write_text_atomic(out / "table1_vs_paper.md", markdown_table(paper) + f"\nPaper figures: {SOURCE}.\n")
+    stops = search_stops(trials)
+    if len(stops):
+        stops.to_csv(out / "search_stops.csv", index=False)
     fronts, figures = {}, []
     for name in ("gmac", "params_m") + (("latency_ms", "ms_per_image") if has_latency else ()):
-        front = pareto_set(trials, name)
-        cols = ["sweep", "genotype_id", "cell", "layers", "seed", "final_acc", "params_m", "gmac", "latency_ms",
-                "throughput_img_s", "trial_id"]
+        front = pareto_set(trials, name)  # on each network's mean over seeds
+        cols = [c for c in ["sweep", "genotype_id", "cell", "layers", "final_acc", "acc_std", "seeds", "params_m",
+                            "gmac", "latency_ms", "throughput_img_s", "trial_ids"] if c in front.columns]
         front[cols].to_csv(out / f"pareto_{name}.csv", index=False)
         write_text_atomic(out / f"pareto_{name}.md", markdown_table(front[cols]))
-        done = trials[(trials.stage == "eval") & (trials.status == "finished")].dropna(subset=[name])
+        done = network_means(trials).dropna(subset=[name])
         ref = default_reference(done[name]) if len(done) else (0.0, 0.0)
         hv = hypervolume(done.final_acc.to_numpy(), done[name].to_numpy(), ref) if len(done) else 0.0
         fronts[name] = (front, ref, hv)
@@ -133,8 +138,12 @@ def analyze(sweep_dir: str | Path | list[str | Path], out: str | Path | None = N
     summary = _summary(trials, fronts, column)
     title = ", ".join(d.name for d in dirs)
     index = ["# Sweep analysis: " + title, "", "```", summary, "```", "",
-             "## Table 1", "", markdown_table(t1), "## Pareto set (accuracy vs GMAC)", "",
-             markdown_table(fronts[column][0][["cell", "layers", "final_acc", "params_m", "gmac"]]),
+             "## Table 1 (mean over seeds)", "", markdown_table(t1),
+             "## Table 1 beside the paper", "", markdown_table(paper), f"Paper figures: {SOURCE}.", "",
+             *(["## Searches that stopped early", "", markdown_table(stops)] if len(stops) else []),
+             "## Pareto set (accuracy vs GMAC, network means over seeds)", "",
+             markdown_table(fronts[column][0][["cell", "layers", "final_acc", "acc_std", "seeds", "params_m",
+                                               "gmac"]]),
              "## Figures", ""]
     index += [f"- [{p.relative_to(out)}]({p.relative_to(out)})" for p in dict.fromkeys(figures) if p.suffix == ".png"]
     index += ["", "Data: [trials.csv](trials.csv), [history.csv](history.csv), [table1.csv](table1.csv)"]
@@ -159,6 +168,17 @@ def _genotype(sweep_dir: Path, gid: str, trials: pd.DataFrame, table: dict[str, 
     return None
 
 
+def search_stops(trials: pd.DataFrame) -> pd.DataFrame:
+    """Search trials that stopped themselves (``stop_when_stable`` / ``max_skip_connects``): where, why, and
+    the epochs and hours (at the trial's own epoch time) not trained."""
+    if "stop_reason" not in trials:
+        return pd.DataFrame()
+    stopped = trials[(trials.stage == "search") & (trials.stop_reason.fillna("") != "")]
+    return pd.DataFrame({"Op set": stopped.op_set, "Seed": stopped.seed, "Stop epoch": stopped.epochs_done,
+                         "Epochs": stopped.epochs_total, "Reason": stopped.stop_reason,
+                         "Epochs saved": stopped.epochs_saved, "Hours saved": stopped.hours_saved}).reset_index(drop=True)
+
+
 def _summary(trials: pd.DataFrame, fronts: dict, column: str = "gmac") -> str:
     lines = []
     for stage in ("search", "eval"):
@@ -166,14 +186,19 @@ def _summary(trials: pd.DataFrame, fronts: dict, column: str = "gmac") -> str:
         if len(sub):
             counts = ", ".join(f"{v} {k}" for k, v in sub.status.value_counts().items())
             lines.append(f"{stage}: {len(sub)} trials ({counts})")
+    stops = search_stops(trials)
+    if len(stops):
+        lines.append(f"search: {len(stops)} trial(s) stopped early, {stops['Epochs saved'].sum()} epoch(s) and "
+                     f"~{stops['Hours saved'].sum():.3g} h of training saved")
     front, ref, hv = fronts[column]
     unit = next(u for c, u in PARETO_COSTS.values() if c == column)
     lines.append(f"Pareto set (test acc up, {unit} down), hypervolume {hv:.4g} vs reference "
                  f"(acc {ref[0]:g} %, {ref[1]:.4g} {unit}):")
     for _, r in front.iterrows():
         extra = f"  {r[column]:.4g} {unit}" if column not in ("gmac", "params_m") else ""
-        lines.append(f"  {r.cell} L={int(r.layers)}: {r.final_acc:.2f} %  {r.gmac:.4g} GMAC  {r.params_m:.3g} M"
-                     + extra)
+        spread = f" ± {r.acc_std:.2f}" if r.acc_std == r.acc_std else ""
+        lines.append(f"  {r.cell} L={int(r.layers)}: {r.final_acc:.2f}{spread} % ({int(r.seeds)} seed(s))  "
+                     f"{r.gmac:.4g} GMAC  {r.params_m:.3g} M" + extra)
     if front.empty:
         lines.append("  (no finished eval trials yet)")
     return "\n".join(lines)

@@ -131,7 +131,11 @@ def test_analyze_writes_plots_tables_and_skips_corrupt_files(mixed_sweep, tmp_pa
     for (_, a), (_, b) in zip(t1.iterrows(), expected.iterrows()):
         assert a["Test Acc. (%)"] == pytest.approx(b["Test Acc. (%)"]) and a["GMAC"] == pytest.approx(b["GMAC"])
     front = pd.read_csv(out / "pareto_gmac.csv")
-    assert set(front.trial_id) <= set(finished.trial_id)
+    assert {t for ids in front.trial_ids for t in ids.split(";")} <= set(finished.trial_id)
+    assert (front.seeds >= 1).all()
+    paper = pd.read_csv(out / "table1_vs_paper.csv")  # the paper's rows, counted here even untrained
+    assert len(paper) == 4 and (paper["Seeds"] == 0).all() and paper["Measured acc (%)"].isna().all()
+    assert paper["Δ GMAC"].abs().max() < 0.02 and "Table 1 beside the paper" in (out / "index.md").read_text()
     for stem in ("accuracy_vs_layers", "accuracy_vs_gmac", "accuracy_vs_params"):
         for ext in ("png", "svg"):
             assert (out / f"{stem}.{ext}").stat().st_size > 0
@@ -206,3 +210,28 @@ def test_analyze_merges_sweeps_keeping_each_sweeps_trials(mixed_sweep, tmp_path)
     capsys_free = main(["analyze", str(mixed_sweep), "--out", str(tmp_path / "lat"), "--cost", "latency"])
     assert capsys_free == 0 and "ms down" in (tmp_path / "lat" / "index.md").read_text()
     assert main(["analyze", str(mixed_sweep), str(other)]) == 2  # several sweeps need --out
+
+
+def test_seeds_are_shown_as_spread_and_the_front_is_on_means():
+    """Two networks whose single best seeds would both be on a per-trial front; on means, the one that is
+    worse on average and costs more drops off. Table 1 says mean, std and how many seeds."""
+    from analysis.pareto import network_means, pareto_set
+
+    rows = []
+    for gid, layers, gmac, accs in (("A", 2, 0.1, [90.0, 92.0, 94.0]), ("B", 3, 0.2, [95.0, 85.0, 86.0]),
+                                    ("C", 4, 0.3, [93.0])):
+        for seed, acc in enumerate(accs):
+            rows.append({"stage": "eval", "status": "finished", "sweep": "s", "genotype_id": gid, "cell": gid,
+                         "layers": layers, "seed": seed, "final_acc": acc, "params_m": 1.0, "gmac": gmac,
+                         "trial_id": f"{gid}{seed}"})
+    rows.append({**rows[0], "status": "errored", "final_acc": 0.0, "trial_id": "A9"})  # never counted
+    trials = pd.DataFrame(rows)
+    means = network_means(trials).set_index("genotype_id")
+    assert means.loc["A", "final_acc"] == pytest.approx(92.0) and means.loc["A", "acc_std"] == pytest.approx(2.0)
+    assert means.loc["A", "seeds"] == 3 and means.loc["A", "trial_ids"] == "A0;A1;A2"
+    assert np.isnan(means.loc["C", "acc_std"]) and means.loc["C", "seeds"] == 1
+    front = pareto_set(trials)
+    assert list(front.genotype_id) == ["A", "C"]  # B's 95 % seed alone would have put it on the front
+    t1 = table1(trials).set_index("Genotype")
+    assert t1.loc["B", "Test Acc. (%)"] == pytest.approx(88.6667, abs=1e-3)
+    assert t1.loc["B", "± std"] == pytest.approx(np.std([95.0, 85.0, 86.0], ddof=1)) and t1.loc["B", "Seeds"] == 3
