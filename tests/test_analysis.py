@@ -235,3 +235,18 @@ def test_seeds_are_shown_as_spread_and_the_front_is_on_means():
     t1 = table1(trials).set_index("Genotype")
     assert t1.loc["B", "Test Acc. (%)"] == pytest.approx(88.6667, abs=1e-3)
     assert t1.loc["B", "± std"] == pytest.approx(np.std([95.0, 85.0, 86.0], ddof=1)) and t1.loc["B", "Seeds"] == 3
+
+
+def test_table1_beside_the_paper_matches_depths_and_leaves_unpublished_rows_blank():
+    from analysis.paper import PAPER_TABLE1, beside_paper
+
+    means = pd.DataFrame({"genotype_id": ["PIBCONV", "PIBCONV", "g-123"], "layers": [10, 3, 10],
+                          "final_acc": [97.0, 90.0, 50.0], "acc_std": [0.2, np.nan, 1.0], "seeds": [3, 1, 2]})
+    table = beside_paper(means).set_index(["Genotype", "Eval. Layers"])
+    assert set(PAPER_TABLE1) <= set(table.index) and ("PIBCONV", 3) in table.index and len(table) == 5
+    row = table.loc[("PIBCONV", 10)]
+    assert row["Measured acc (%)"] == 97.0 and row["Seeds"] == 3 and row["Δ acc"] == pytest.approx(97.0 - 97.29)
+    assert abs(row["Δ GMAC"]) < 0.01 and row["Paper params (M)"] == 3.02
+    unpublished = table.loc[("PIBCONV", 3)]
+    assert np.isnan(unpublished["Paper acc (%)"]) and unpublished["Measured acc (%)"] == 90.0
+    assert unpublished["GMAC"] > 0 and table.loc[("DARTS_V2", 20)]["Seeds"] == 0  # counted, not trained
