@@ -100,7 +100,7 @@ def test_exit_code_1_names_the_failed_trials(tmp_path):
 def test_optuna_study_lives_in_the_sweep_and_survives_a_driver_kill(tmp_path):
     optuna = pytest.importorskip("optuna")
     raw = sweep_file(tmp_path, "study", evaluation={
-        "genotypes": ["DARTS_V2"], "layers": {"min": 1, "max": 3}, "epochs": 6, "max_steps_per_epoch": 20,
+        "genotypes": ["DARTS_V2"], "layers": {"min": 1, "max": 3}, "epochs": 8, "max_steps_per_epoch": 40,
         "channels": 16, "batch_size": 32,
         "search_alg": {"type": "optuna", "num_samples": 4, "metric": "test_acc", "seed": 0}})
     raw["max_concurrent_trials"] = 1
@@ -112,7 +112,8 @@ def test_optuna_study_lives_in_the_sweep_and_survives_a_driver_kill(tmp_path):
     try:
         deadline = time.time() + 240
         while time.time() < deadline and driver.poll() is None:
-            done = [p for p in started(stage) if epochs_of(p)[-1:] == [6]]
+            # a trial takes ~4 s: the two left cannot both finish in the 2.5 s before the kill
+            done = [p for p in started(stage) if epochs_of(p)[-1:] == [8]]
             if len(done) >= 2 and len(started(stage)) > len(done):
                 time.sleep(2.5)  # past one experiment-state save
                 os.kill(driver.pid, signal.SIGKILL)
