@@ -9,12 +9,18 @@ only synced every few seconds, so a trial retried by the same driver lost the ep
 since the last sync (seen: a 4-epoch trial's result.json holding only epochs 3 and 4). These loggers
 keep the driver's copy when it is at least as long as the stored one.
 
+A trial that finished unseen by its driver (killed while the worker trained on) reports its end again,
+marked ``replayed``: written where the file lacks that epoch, skipped where it holds it (finished trials'
+files stay byte-identical).
+
 A driver killed during a sync can still leave a truncated stored copy behind; ``analysis`` fills the
 missing epochs from the history saved in each checkpoint (see ``sweeps.trainables``).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +55,60 @@ class _KeepNewerLocalCopy:
                               source_filesystem=trial.storage.storage_filesystem)
 
 
+    _FILE = ""  # the file this logger writes in the trial's folder
+
+    def _open(self, trial: Any) -> None:
+        raise NotImplementedError
+
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-        if result.get("replayed"):  # sweeps.trainables.REPLAYED: already in the file
-            return
+        if result.get("replayed"):  # sweeps.trainables.REPLAYED: the end of a trial that had finished
+            # written only when the file does not hold that epoch yet: a driver killed while its worker
+            # trained on never saw the last epochs, which then exist only in the trial's checkpoints
+            if trial not in self._trial_files:  # type: ignore[attr-defined]
+                self._open(trial)
+            last = _last_logged_epoch(Path(trial.local_path, self._FILE))
+            if last is not None and result.get("epoch") is not None and last >= result["epoch"]:
+                return
+            result = {k: v for k, v in result.items() if k != "replayed"}  # the row as first reported
         super().log_trial_result(iteration, trial, result)  # type: ignore[misc]
+
+
+def _last_logged_epoch(path: Path) -> int | None:
+    """The epoch of the last complete row of a ``result.json`` or ``progress.csv``; None when it has none."""
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(lines))
+        values = [r.get("epoch") for r in rows]
+    else:
+        values = []
+        for line in lines:
+            try:
+                values.append(json.loads(line).get("epoch"))
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a half-written line
+    for value in reversed(values):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 class JsonLogger(_KeepNewerLocalCopy, JsonLoggerCallback):
     """``result.json`` writer that keeps the driver's fresher copy when a trial restarts."""
 
+    _FILE = "result.json"
+
+    def _open(self, trial: Any) -> None:
+        self.log_trial_start(trial)
+
 
 class CSVLogger(_KeepNewerLocalCopy, CSVLoggerCallback):
     """``progress.csv`` writer that keeps the driver's fresher copy when a trial restarts."""
+
+    _FILE = "progress.csv"
+
+    def _open(self, trial: Any) -> None:
+        self._setup_trial(trial)

@@ -46,7 +46,7 @@ from sweeps.stopping import TrialControl
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
-REPLAYED = "replayed"  # a report repeating the last epoch of a trial that had finished (not logged again)
+REPLAYED = "replayed"  # a report repeating the last epoch of a trial that had finished (logged only if missing)
 
 
 def _device() -> str:
@@ -145,7 +145,8 @@ def _run_trial(run, cfg: Any, images: ImageData, fixed: dict[str, Any], config: 
         state, history = _restore(store)
         if state is not None and history and (state["epoch"] >= cfg.epochs or "stop_reason" in history[-1]):
             # finished before its driver saw it: report the end again for Tune, marked so that the loggers
-            # (sweeps.loggers) do not write it a second time
+            # (sweeps.loggers) write it only where their file lacks it (analysis fills epochs between from
+            # the checkpoint's history)
             tune.report({**history[-1], REPLAYED: True})
             return
         try:

@@ -13,7 +13,8 @@ import pytest
 from analysis.frames import load_frames, trial_history
 from sweeps import trainables
 from sweeps.driver import eval_genotypes
-from sweeps.loggers import JsonLogger
+from sweeps.checkpoints import TrialStore
+from sweeps.loggers import CSVLogger, JsonLogger
 from sweeps.spec import parse_sweep
 from tests.ray_helpers import sweep_file
 
@@ -133,19 +134,43 @@ def test_trainable_saves_its_history_in_every_checkpoint_and_continues_it(eval_c
     assert len(reports) == 1 and reports[0]["epoch"] == 3 and reports[0][trainables.REPLAYED] is True
 
 
-def test_loggers_skip_a_replayed_report(tmp_path):
+def test_loggers_skip_a_replayed_report_only_when_their_file_holds_it(tmp_path):
     class Trial(types.SimpleNamespace):
         __hash__ = object.__hash__
 
-    base = fake_trial(tmp_path / "staging", tmp_path / "stored")
-    trial = Trial(**vars(base), config={}, init_local_path=lambda: (tmp_path / "staging").mkdir(exist_ok=True))
-    trial.checkpoint = None
-    (tmp_path / "staging").mkdir()
-    logger = JsonLogger()
-    logger.log_trial_result(1, trial, {"epoch": 1})
-    logger.log_trial_result(1, trial, {"epoch": 1, trainables.REPLAYED: True})
-    logger.log_trial_end(trial)
-    assert [r["epoch"] for r in trial_history(tmp_path / "staging")] == [1]
+    def new_trial(folder: Path) -> Trial:
+        base = fake_trial(folder, tmp_path / "stored")
+        trial = Trial(**vars(base), config={}, init_local_path=lambda: folder.mkdir(exist_ok=True))
+        trial.checkpoint = None
+        folder.mkdir(exist_ok=True)  # Ray creates the staging folder before the loggers start
+        return trial
+
+    # the driver saw the end: the replayed report is not written again, in either file
+    seen = new_trial(tmp_path / "seen")
+    loggers = [JsonLogger(), CSVLogger()]
+    for logger in loggers:
+        logger.log_trial_result(1, seen, {"epoch": 1, "acc": 0.5})
+        logger.log_trial_result(1, seen, {"epoch": 1, "acc": 0.5, trainables.REPLAYED: True})
+        logger.log_trial_end(seen)
+    assert [r["epoch"] for r in trial_history(tmp_path / "seen")] == [1]
+    assert (tmp_path / "seen" / "progress.csv").read_text().splitlines() == ["epoch,acc", "1,0.5"]
+
+    # a driver killed while its worker trained epochs 2 and 3 on: the next driver's replayed end is written
+    # (as first reported, without the mark), by a logger that starts with the replay, and epoch 2 comes
+    # from the checkpoint's history
+    killed = new_trial(tmp_path / "killed")
+    for logger in [JsonLogger(), CSVLogger()]:
+        logger.log_trial_result(1, killed, {"epoch": 1, "acc": 0.5})
+        logger.log_trial_end(killed)
+    history = [{"epoch": 1, "acc": 0.5}, {"epoch": 2, "acc": 0.6}, {"epoch": 3, "acc": 0.7}]
+    TrialStore.at(tmp_path / "killed").save(3, {"history.json": json.dumps(history).encode()})
+    for logger in [JsonLogger(), CSVLogger()]:
+        logger.log_trial_result(1, killed, {**history[-1], trainables.REPLAYED: True})
+        logger.log_trial_end(killed)
+    rows = [json.loads(line) for line in (tmp_path / "killed" / "result.json").read_text().splitlines()]
+    assert rows == [history[0], history[2]]
+    assert (tmp_path / "killed" / "progress.csv").read_text().splitlines() == ["epoch,acc", "1,0.5", "3,0.7"]
+    assert trial_history(tmp_path / "killed") == history
 
 
 def fake_trial(local: Path, stored: Path) -> types.SimpleNamespace:
