@@ -2,6 +2,7 @@
 a job preempted mid-stage (``scontrol requeue``) and a job warned of its time limit (USR1) both come back
 and finish every trial, none trained again from scratch, nothing finished touched."""
 
+import datetime
 import os
 import shutil
 import subprocess
@@ -62,13 +63,24 @@ def wait_for(what, predicate, job: str, env: dict, log: Path, timeout: float = 2
         if predicate():
             return
         state = scontrol_job(env, job)
-        if state.get("JobState") == "PENDING" and "BeginTime" in state.get("Reason", ""):
-            # a requeued job waits ~2 min before it may start again; a test need not
-            subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=env, capture_output=True)
+        if state.get("JobState") == "PENDING" and "BeginTime" in state.get("Reason", "") \
+                and _seconds_until(state.get("StartTime", "")) > 10:
+            # a requeued job waits ~2 min before it may start again; a test need not, but not "now": slurmd
+            # refuses a launch in the second its previous run's credential was revoked ("Job credential
+            # revoked", the job then ends FAILED; seen in clean-clone runs)
+            subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now+3"], env=env, capture_output=True)
         time.sleep(0.5)
     subprocess.run(["scancel", job], env=env)
     pytest.fail(f"timed out waiting for {what}; job {scontrol_job(env, job).get('JobState')}; log:\n"
                 + (log.read_text()[-4000:] if log.exists() else "(none)"))
+
+
+def _seconds_until(when: str) -> float:
+    """Seconds from now to a time scontrol printed (the controller runs here, in this machine's zone)."""
+    try:
+        return datetime.datetime.fromisoformat(when).timestamp() - time.time()
+    except ValueError:
+        return 0.0
 
 
 def eval_dirs(sweep: Path) -> list[Path]:
