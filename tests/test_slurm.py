@@ -1,6 +1,7 @@
-"""slurm/dartsweep.sbatch on a real SLURM (slurmctld + slurmd + munged on localhost, tests/slurm/cluster.sh):
-a job preempted mid-stage (``scontrol requeue``) and a job warned of its time limit (USR1) both come back
-and finish every trial, none trained again from scratch, nothing finished touched."""
+"""slurm/dartsweep.sbatch on a real SLURM (slurmctld + two slurmd + munged on localhost,
+tests/slurm/cluster.sh): a job preempted mid-stage (``scontrol requeue``) and a two-node job warned of its
+time limit (USR1) both come back and finish every trial, none trained again from scratch, nothing finished
+touched."""
 
 import datetime
 import os
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 JOB = ROOT / "slurm" / "dartsweep.sbatch"
 EPOCHS = 60
+DARTSWEEP = str(Path(shutil.which("dartsweep", path=str(Path(os.sys.executable).parent)) or ""))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def scontrol_job(env: dict, job: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in out.split() if "=" in part)
 
 
-def submit(tmp_path: Path, env: dict, name: str, checkpoint_every: int) -> tuple[str, Path, Path]:
+def submit(tmp_path: Path, env: dict, name: str, checkpoint_every: int, nodes: int = 1,
+           job_env: dict | None = None) -> tuple[str, Path, Path]:
     raw = sweep_file(tmp_path, name, search={"op_sets": ["pibconv"], "F": [2.0], "seeds": [0, 1], "epochs": 3},
                      evaluation={"genotypes": ["searched"], "layers": [1], "seeds": [0], "epochs": EPOCHS,
                                  "checkpoint_every": checkpoint_every})
@@ -49,9 +52,11 @@ def submit(tmp_path: Path, env: dict, name: str, checkpoint_every: int) -> tuple
     file.write_text(yaml.safe_dump(raw))
     log = tmp_path / "job.log"
     job_env = {**env, "DARTSWEEP_SWEEP": str(file), "DARTSWEEP_STORAGE": str(tmp_path),
-               "DARTSWEEP": str(Path(shutil.which("dartsweep", path=str(Path(os.sys.executable).parent)) or "")),
-               "DARTSWEEP_ARGS": "--progress-every 5"}
-    out = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--cpus-per-task=2", str(JOB)],
+               "DARTSWEEP": DARTSWEEP,
+               "DARTSWEEP_ARGS": "--progress-every 5", **(job_env or {})}
+    # two CPUs on one node; one a node on two, so that the two trials of a stage run one on each node
+    out = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--nodes={nodes}",
+                          f"--cpus-per-task={2 // nodes}", str(JOB)],
                          capture_output=True, text=True, env=job_env, cwd=tmp_path, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0], tmp_path / name, log
@@ -132,11 +137,17 @@ def test_preempted_job_requeues_and_finishes(tmp_path, slurm):
 
 def test_time_limit_warning_checkpoints_and_requeues(tmp_path, slurm):
     """USR1 to the batch shell (what ``--signal=B:USR1@300`` sends before the time limit): the driver has
-    every running trial checkpoint, exits 138, and the job requeues itself and finishes from there."""
-    # no periodic checkpoints: what the second run continues from is the checkpoint the signal asked for
-    job, sweep, log = submit(tmp_path, slurm, "warned", checkpoint_every=1000)
+    every running trial checkpoint, exits 138, and the job requeues itself and finishes from there. The job
+    has two nodes: Ray's head on the first, a worker on the second through srun, each trial on one of them."""
+    # no periodic checkpoints: what the second run continues from is the checkpoint the signal asked for.
+    # The two slurmd share this host: the worker's ports go 100 above the head's
+    job, sweep, log = submit(tmp_path, slurm, "warned", checkpoint_every=1000, nodes=2,
+                             job_env={"DARTSWEEP_RAY_PORT": "31000", "DARTSWEEP_RAY_WORKER_PORT": "31100"})
     wait_for("two eval trials past epoch 5", lambda: len(eval_dirs(sweep)) == 2
              and all(len(epochs_of(d)) >= 5 for d in eval_dirs(sweep)), job, slurm, log)
+    assert "on 2 node(s): dartsweep1 dartsweep2" in log.read_text()
+    # one trial on each Ray node: a Ray of one node with one CPU would have run them one after the other
+    assert len({trial_history(d)[-1]["node_id"] for d in eval_dirs(sweep)}) == 2
     before = finished_files(sweep)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
     wait_for("the job to requeue itself", lambda: "requeueing job" in log.read_text(), job, slurm, log, timeout=300)
@@ -152,9 +163,16 @@ def test_time_limit_warning_checkpoints_and_requeues(tmp_path, slurm):
     ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"}, "DARTSWEEP_SWEEP is not set"),
     ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": "no-such-cmd"},
      "DARTSWEEP=no-such-cmd is not a command"),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": DARTSWEEP,
+      "DARTSWEEP_RAY_WORKER_PORT": "80"}, "DARTSWEEP_RAY_WORKER_PORT=80: must be a port number between 1024"),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": DARTSWEEP,
+      "SLURM_CONF": "<an empty file>"}, "scontrol show hostnames n1 gave no nodes"),
 ])
-def test_job_script_misuse_is_one_line(env, message):
+def test_job_script_misuse_is_one_line(env, message, tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DARTSWEEP"))}
+    empty = tmp_path / "slurm.conf"  # scontrol fails at once on it (a missing file has it retry for a minute)
+    empty.write_text("")
+    env = {k: str(empty) if v == "<an empty file>" else v for k, v in env.items()}
     run = subprocess.run(["bash", str(JOB)], capture_output=True, text=True, env={**base, **env}, timeout=30)
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"dartsweep.sbatch: {message}")

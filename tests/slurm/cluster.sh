@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster on localhost for the SLURM tests: munged, slurmctld and slurmd from
-# Debian's packages (slurm-wlm, munge), installed with apt-get when sbatch is missing.
+# A real two-node SLURM cluster on localhost for the SLURM tests: munged, slurmctld and two slurmd (nodes
+# dartsweep1 and dartsweep2, each with this machine's CPUs: `slurmd -N`, one host) from Debian's packages
+# (slurm-wlm, munge), installed with apt-get when sbatch is missing.
 #
 #   tests/slurm/cluster.sh install # apt-get install slurm-wlm munge, when sbatch is missing
 #   tests/slurm/cluster.sh start   # install if needed, write the config, start the daemons, wait for the node
 #   tests/slurm/cluster.sh stop    # stop the daemons started here and remove the state folder
 #   tests/slurm/cluster.sh env     # print `export SLURM_CONF=...` for the shell that submits jobs
 #
-# Everything lives under $DARTSWEEP_SLURM_DIR (default /tmp/dartsweep-slurm), on its own ports (16817/16818),
+# Everything lives under $DARTSWEEP_SLURM_DIR (default /tmp/dartsweep-slurm), on its own ports (16817-16820),
 # so it does not touch a machine's real SLURM configuration. Needs root, or passwordless sudo.
 set -euo pipefail
 
@@ -45,7 +46,7 @@ write_config() {
     host=$(hostname -s)
     cpus=$(nproc)
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
-    $SUDO mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
+    $SUDO mkdir -p "$DIR/state" "$DIR/log" "$DIR/spool-dartsweep1" "$DIR/spool-dartsweep2"
     $SUDO tee "$CONF" >/dev/null <<EOF
 ClusterName=dartsweep-test
 SlurmctldHost=$host(127.0.0.1)
@@ -55,11 +56,12 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool-%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
+SlurmdParameters=config_overrides
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -71,13 +73,23 @@ JobRequeue=1
 KillWait=10
 ReturnToService=2
 MpiDefault=none
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+NodeName=dartsweep1 NodeHostname=$host NodeAddr=127.0.0.1 Port=16819 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=dartsweep2 NodeHostname=$host NodeAddr=127.0.0.1 Port=16820 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=dartsweep1,dartsweep2 Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-running() {  # the daemon whose pid file is $1 is alive
-    [ -s "$1" ] && $SUDO kill -0 "$(cat "$1")" 2>/dev/null
+running() {  # the daemon whose pid file is $1 is alive (not a zombie: a container's init may not reap)
+    local state
+    [ -s "$1" ] && state=$(ps -o stat= -p "$(cat "$1")" 2>/dev/null) && [[ -n "$state" && "$state" != Z* ]]
+}
+
+stop_daemons() {  # slurmd.pid: the one-node layout of earlier versions
+    local stopped=""
+    for d in slurmd-dartsweep1 slurmd-dartsweep2 slurmd slurmctld; do
+        if running "$DIR/$d.pid"; then $SUDO kill "$(cat "$DIR/$d.pid")"; stopped=1; fi
+    done
+    if [ -n "$stopped" ]; then sleep 1; fi
 }
 
 case "${1:-}" in
@@ -87,26 +99,25 @@ install)
 start)
     install_packages
     start_munge
-    if ! running "$DIR/slurmctld.pid" || ! running "$DIR/slurmd.pid"; then
+    if ! running "$DIR/slurmctld.pid" || ! running "$DIR/slurmd-dartsweep1.pid" \
+            || ! running "$DIR/slurmd-dartsweep2.pid"; then
+        stop_daemons  # what is left of an earlier cluster (or an older layout) restarts with this config
         write_config
-        running "$DIR/slurmctld.pid" || $SUDO slurmctld -f "$CONF"
-        running "$DIR/slurmd.pid" || $SUDO slurmd -f "$CONF"
+        $SUDO slurmctld -f "$CONF"
+        for node in dartsweep1 dartsweep2; do $SUDO slurmd -f "$CONF" -N "$node"; done
     fi
-    for _ in $(seq 1 60); do  # the node comes up idle within seconds
-        if SLURM_CONF=$CONF sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+    for _ in $(seq 1 60); do  # the nodes come up idle within seconds
+        if [ "$(SLURM_CONF=$CONF sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)')" = 2 ]; then
             echo "cluster.sh: SLURM is up (SLURM_CONF=$CONF)" >&2
             exit 0
         fi
         sleep 1
     done
-    echo "cluster.sh: the node did not come up; see $DIR/log/" >&2
+    echo "cluster.sh: the nodes did not come up; see $DIR/log/" >&2
     exit 1
     ;;
 stop)
-    for d in slurmd slurmctld; do
-        if running "$DIR/$d.pid"; then $SUDO kill "$(cat "$DIR/$d.pid")"; fi
-    done
-    sleep 1
+    stop_daemons
     $SUDO rm -rf "$DIR"
     ;;
 env)
