@@ -194,14 +194,13 @@ def test_first_release_sweep_resumes_as_the_network_it_started_with(tmp_path):
     assert "format" not in frozen  # resume never rewrites what the first release froze
 
 
-def test_complexity_of_search_networks_and_effective_F():
+def test_complexity_of_search_networks_and_effective_F(capsys):
     from nas.cli import main
 
     def run(*args):
-        out = subprocess.run([sys.executable, "-m", "nas.cli", "complexity", *args, "--json"], capture_output=True,
-                             text=True)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+        capsys.readouterr()
+        assert main(["complexity", *args, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
 
     released, paper = run("--op-set", "pibconv_released"), run("--op-set", "pibconv")
     assert (released["layers"], released["channels"]) == (8, 16) and released["op_set"] == "pibconv_released"

@@ -139,35 +139,15 @@ def test_storage_uri_goes_through_pyarrow(tmp_path):
         run_sweep(parse_sweep(raw), storage=f"file://{tmp_path}/bucket", verbose=0)
 
 
-def test_overhead_command_reports_where_ray_time_goes():
+def test_overhead_command_reports_where_ray_time_goes_in_alternating_rounds():
     import subprocess
 
     proc = subprocess.run([sys.executable, "-m", "nas.cli", "sweep", "overhead", "--trials", "1", "--epochs", "3",
-                           "--checkpoint-every", "1", "--json"], capture_output=True, text=True, timeout=300,
-                          start_new_session=True)
+                           "--checkpoint-every", "1", "--repeats", "3", "--json"], capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)  # stdout is the JSON object alone
-    assert out["trials"] == 1 and out["epochs"] == 3
-    assert out["sweep_s"] > out["fixed_s"] > 0  # Ray's start-up is never free
-    assert out["overhead"] == pytest.approx(out["sweep_s"] / out["sequential_s"] - 1)
-    in_trials = (1 + out["in_trial_overhead"]) * out["sequential_s"]
-    assert in_trials + out["fixed_s"] == pytest.approx(out["sweep_s"])
-    # compared with the mean of the in-process runs before and after the sweep (cancels the machine's drift)
-    assert out["sequential_s"] == pytest.approx((out["sequential_before_s"] + out["sequential_after_s"]) / 2)
-    assert out["drift"] == pytest.approx(out["sequential_after_s"] / out["sequential_before_s"] - 1)
-    assert out["trial_start_s"] > 0  # the first report also pays the trial's start-up
-    assert out["reporting_s"] >= 0 and out["epochs_slowdown"] > -1
-    assert out["repeats"] == 1 and out["overhead_rounds"] == [out["overhead"]] and len(out["rounds"]) == 1
-
-
-def test_overhead_rounds_alternate_and_the_median_round_is_reported():
-    import subprocess
-
-    proc = subprocess.run([sys.executable, "-m", "nas.cli", "sweep", "overhead", "--trials", "1", "--epochs", "2",
-                           "--repeats", "3", "--json"], capture_output=True, text=True, timeout=300,
-                          start_new_session=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout)
+    assert out["trials"] == 1 and out["epochs"] == 3 and out["repeats"] == 3
     rounds = out["rounds"]
     assert len(rounds) == 3 and out["overhead_rounds"] == [r["overhead"] for r in rounds]
     assert out["overhead"] == sorted(out["overhead_rounds"])[1]  # the median of three
@@ -176,6 +156,16 @@ def test_overhead_rounds_alternate_and_the_median_round_is_reported():
     # one in-process run between consecutive sweeps serves as the after of one round and the before of the next
     assert [r["sequential_after_s"] for r in rounds[:-1]] == [r["sequential_before_s"] for r in rounds[1:]]
     assert proc.stderr.count("[dartsweep] overhead: sweep") == 3
+    for r in rounds:
+        assert r["sweep_s"] > r["fixed_s"] > 0  # Ray's start-up is never free
+        assert r["overhead"] == pytest.approx(r["sweep_s"] / r["sequential_s"] - 1)
+        in_trials = (1 + r["in_trial_overhead"]) * r["sequential_s"]
+        assert in_trials + r["fixed_s"] == pytest.approx(r["sweep_s"])
+        # compared with the mean of the in-process runs before and after the sweep (cancels the machine's drift)
+        assert r["sequential_s"] == pytest.approx((r["sequential_before_s"] + r["sequential_after_s"]) / 2)
+        assert r["drift"] == pytest.approx(r["sequential_after_s"] / r["sequential_before_s"] - 1)
+        assert r["trial_start_s"] > 0  # the first report also pays the trial's start-up
+        assert r["reporting_s"] >= 0 and r["epochs_slowdown"] > -1
     bad = subprocess.run([sys.executable, "-m", "nas.cli", "sweep", "overhead", "--repeats", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--repeats" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
