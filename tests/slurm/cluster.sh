@@ -14,6 +14,7 @@ set -euo pipefail
 
 DIR=${DARTSWEEP_SLURM_DIR:-/tmp/dartsweep-slurm}
 CONF=$DIR/slurm.conf
+NODES=(dartsweep1 dartsweep2)  # slurmd -N each, on ports 16819 onwards
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
     if sudo -n true 2>/dev/null; then SUDO="sudo -n"; else
@@ -46,7 +47,7 @@ write_config() {
     host=$(hostname -s)
     cpus=$(nproc)
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
-    $SUDO mkdir -p "$DIR/state" "$DIR/log" "$DIR/spool-dartsweep1" "$DIR/spool-dartsweep2"
+    $SUDO mkdir -p "$DIR/state" "$DIR/log" "${NODES[@]/#/$DIR/spool-}"
     $SUDO tee "$CONF" >/dev/null <<EOF
 ClusterName=dartsweep-test
 SlurmctldHost=$host(127.0.0.1)
@@ -73,10 +74,12 @@ JobRequeue=1
 KillWait=10
 ReturnToService=2
 MpiDefault=none
-NodeName=dartsweep1 NodeHostname=$host NodeAddr=127.0.0.1 Port=16819 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-NodeName=dartsweep2 NodeHostname=$host NodeAddr=127.0.0.1 Port=16820 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=dartsweep1,dartsweep2 Default=YES MaxTime=INFINITE State=UP
 EOF
+    for i in "${!NODES[@]}"; do
+        echo "NodeName=${NODES[i]} NodeHostname=$host NodeAddr=127.0.0.1 Port=$((16819 + i)) CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+    done | $SUDO tee -a "$CONF" >/dev/null
+    echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP" \
+        | $SUDO tee -a "$CONF" >/dev/null
 }
 
 running() {  # the daemon whose pid file is $1 is alive (not a zombie: a container's init may not reap)
@@ -84,9 +87,14 @@ running() {  # the daemon whose pid file is $1 is alive (not a zombie: a contain
     [ -s "$1" ] && state=$(ps -o stat= -p "$(cat "$1")" 2>/dev/null) && [[ -n "$state" && "$state" != Z* ]]
 }
 
+all_running() {
+    running "$DIR/slurmctld.pid" || return 1
+    for node in "${NODES[@]}"; do running "$DIR/slurmd-$node.pid" || return 1; done
+}
+
 stop_daemons() {  # slurmd.pid: the one-node layout of earlier versions
     local stopped=""
-    for d in slurmd-dartsweep1 slurmd-dartsweep2 slurmd slurmctld; do
+    for d in "${NODES[@]/#/slurmd-}" slurmd slurmctld; do
         if running "$DIR/$d.pid"; then $SUDO kill "$(cat "$DIR/$d.pid")"; stopped=1; fi
     done
     if [ -n "$stopped" ]; then sleep 1; fi
@@ -99,15 +107,14 @@ install)
 start)
     install_packages
     start_munge
-    if ! running "$DIR/slurmctld.pid" || ! running "$DIR/slurmd-dartsweep1.pid" \
-            || ! running "$DIR/slurmd-dartsweep2.pid"; then
+    if ! all_running; then
         stop_daemons  # what is left of an earlier cluster (or an older layout) restarts with this config
         write_config
         $SUDO slurmctld -f "$CONF"
-        for node in dartsweep1 dartsweep2; do $SUDO slurmd -f "$CONF" -N "$node"; done
+        for node in "${NODES[@]}"; do $SUDO slurmd -f "$CONF" -N "$node"; done
     fi
     for _ in $(seq 1 60); do  # the nodes come up idle within seconds
-        if [ "$(SLURM_CONF=$CONF sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)')" = 2 ]; then
+        if [ "$(SLURM_CONF=$CONF sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)')" = "${#NODES[@]}" ]; then
             echo "cluster.sh: SLURM is up (SLURM_CONF=$CONF)" >&2
             exit 0
         fi
