@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from nas.errors import ConfigError
 from sweeps.checkpoints import newest_history
@@ -135,7 +136,7 @@ def eval_stage_table(sweep_dir: Path) -> dict[str, Any]:
     from nas.genotypes import Genotype
 
     try:
-        spec = SweepDir.at(sweep_dir).load_spec()
+        spec = SweepDir.at(sweep_dir).load_spec(plugins="optional")
         searched = read_searched(sweep_dir)
         for entry in searched.values():  # a first-release sweep's files lack the form keys
             entry["genotype"] = Genotype.from_dict(entry["genotype"], spec.first_release).to_dict()
@@ -274,6 +275,18 @@ def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
+def _plugin_names(root: Path) -> None:
+    """Make the op, preset and dataset names of the sweep's plugins known (their code where importable,
+    else placeholders: tables and plots need the names only)."""
+    from sweeps.spec import sweep_plugins
+
+    try:
+        raw = yaml.safe_load((root / "sweep.yaml").read_text())
+        sweep_plugins(raw.get("plugins") if isinstance(raw, dict) else None, root, "optional")
+    except (OSError, yaml.YAMLError, ConfigError):
+        pass
+
+
 def load_frames(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(trials, history) frames of a sweep directory; corrupt trial files are skipped with one warning."""
     root = Path(sweep_dir).expanduser()
@@ -282,6 +295,7 @@ def load_frames(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                   if p.is_dir() and (p.name == s or p.name[len(s) + 1:].isdigit())]
     if not (root / "sweep.yaml").is_file() and not stage_dirs:
         raise ConfigError(f"{root} is not a sweep directory (no sweep.yaml, search/ or eval/)")
+    _plugin_names(root)
     trials: list[dict] = []
     history: list[dict] = []
     skipped: list[str] = []

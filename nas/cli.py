@@ -225,11 +225,23 @@ def cmd_lut(args: argparse.Namespace) -> int:
 def cmd_genotypes(args: argparse.Namespace) -> int:
     from nas.genotypes import GENOTYPES
     from nas.opsets import OP_SETS
+    from nas.registry import BUILTIN, DATASETS, OPS
 
     if args.json:
         print(json.dumps({"genotypes": {k: g.to_dict() for k, g in GENOTYPES.items()},
-                          "op_sets": {k: o.to_dict() for k, o in OP_SETS.items()}}, indent=2))
+                          "op_sets": {k: o.to_dict() for k, o in OP_SETS.items()},
+                          "ops": {k: {"source": e.source, "uses_bottleneck_ratio": e.uses_bottleneck_ratio,
+                                      "pooling": e.pooling} for k, e in OPS.items()},
+                          "datasets": {k: {"source": e.source, "shape": list(e.shape)} for k, e in DATASETS.items()}},
+                         indent=2))
         return 0
+    print("Ops:")
+    for name, e in OPS.items():
+        print(f"  {name:<16} {'' if e.source == BUILTIN else 'from ' + e.source}".rstrip())
+    print("Datasets:")
+    for name, d in DATASETS.items():
+        print(f"  {name:<16} {d.in_channels} x {d.image_size} x {d.image_size}, {d.num_classes} classes"
+              f"{'' if d.source == BUILTIN else '  from ' + d.source}")
     print("Built-in genotypes:")
     for name, g in GENOTYPES.items():
         ops = sorted(g.primitives)
@@ -240,6 +252,37 @@ def cmd_genotypes(args: argparse.Namespace) -> int:
         print(f"  {name:<16} {o.options.activation} ({o.options.activation_scope})/{o.options.norm} "
               f"F={o.options.bottleneck_ratio:g} stem={o.stem} pooling_bn={str(o.pooling_bn).lower()}  "
               f"{', '.join(o.primitives)}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from nas.data import load_dataset, nbytes
+    from nas.registry import DATASETS
+
+    name = args.dataset
+    if name not in DATASETS and Path(name).expanduser().is_dir():
+        from nas.image_folder import folder_spec
+
+        name = folder_spec({"image_folder": name, "size": args.size, "channels": args.channels,
+                            "test_fraction": args.test_fraction, "seed": args.seed}, Path.cwd()).name
+    data = load_dataset(name, args.data_dir, download=False)
+    names = data.class_names or tuple(str(i) for i in range(data.num_classes))
+    counts = {split: torch.bincount(getattr(data, f"{split}_y"), minlength=data.num_classes).tolist()
+              for split in ("train", "test")}
+    report = {"dataset": name, "source": DATASETS.get(name).source, "classes": list(names),
+              "shape": [data.in_channels, data.image_size, data.image_size], "train_images": len(data.train_y),
+              "test_images": len(data.test_y), "per_class": counts, "bytes": nbytes(data),
+              "mean": list(data.mean), "std": list(data.std)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{name}  ({report['source']})")
+    print(f"  {data.num_classes} classes, images {data.in_channels} x {data.image_size} x {data.image_size} uint8; "
+          f"{len(data.train_y)} training, {len(data.test_y)} test; {nbytes(data) / 2**20:.1f} MiB in memory")
+    for i, cls in enumerate(names):
+        print(f"  {cls:<20} train {counts['train'][i]:>7}  test {counts['test'][i]:>7}")
     return 0
 
 
@@ -356,12 +399,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_genotypes)
 
-    data = sub.add_parser("data", help="fetch a data set on a machine with internet").add_subparsers(
+    data = sub.add_parser("data", help="fetch CIFAR on a machine with internet, or check any dataset").add_subparsers(
         dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("download", help="download CIFAR-10/100 (or check a copy), printing files and MD5s")
     p.add_argument("dataset", choices=("cifar10", "cifar100"))
     p.add_argument("--data-dir", default="./data", help="the folder to put it in (default ./data)")
     p.set_defaults(func=cmd_data_download)
+    p = data.add_parser("check", help="load a dataset (a registered name or an image folder) and report its "
+                                      "classes, image counts and bytes")
+    p.add_argument("dataset", help="cifar10 | cifar100 | digits | a plugin's dataset | an image folder's path")
+    p.add_argument("--data-dir", default="./data", help="where CIFAR is (default ./data)")
+    p.add_argument("--size", type=_positive_int, default=32, help="image folder: side in pixels (default 32)")
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="image folder: 3 RGB (default), 1 grey")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="image folder without train/ and test/: held-out fraction per class (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="image folder: the split's seed (default 0)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_check)
 
     for module in ("sweeps.cli", "analysis.cli", "nas.bench"):
         try:
@@ -369,6 +423,23 @@ def build_parser() -> argparse.ArgumentParser:
         except (ImportError, AttributeError):
             continue
         register(sub)
+    for path in PLUGIN_COMMANDS:
+        _leaf(sub, path).add_argument(
+            "--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+            help="import a plugin (a .py file or a module) that registers ops, op sets or datasets; repeatable")
+    return parser
+
+
+# The commands that build networks or load data by name, and so take --plugin (a sweep names its own).
+PLUGIN_COMMANDS = (("search",), ("train",), ("complexity",), ("latency",), ("lut", "build"), ("lut", "predict"),
+                   ("lut", "check"), ("genotypes",), ("bench",), ("data", "check"))
+
+
+def _leaf(sub: argparse._SubParsersAction, path: tuple[str, ...]) -> argparse.ArgumentParser:
+    parser = sub.choices[path[0]]
+    for name in path[1:]:
+        nested = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        parser = nested.choices[name]
     return parser
 
 
@@ -376,6 +447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from nas.plugins import load_plugin
+
+        for ref in getattr(args, "plugin", None) or []:
+            load_plugin(ref)
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"dartsweep: error: {exc}", file=sys.stderr)

@@ -128,10 +128,13 @@ def _count(module: torch.nn.Module, inputs: torch.Tensor | dict[str, torch.Tenso
 
     from nas.reference import reference_modules
 
+    from nas.plugins import stated_macs_hooks
+
     module = reference_modules(module)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         macs, _ = get_model_complexity_info(module, (1,), input_constructor=lambda _: inputs, as_strings=False,
-                                            print_per_layer_stat=False, verbose=False, backend="pytorch")
+                                            print_per_layer_stat=False, verbose=False, backend="pytorch",
+                                            custom_modules_hooks=stated_macs_hooks(module))
     return sum(p.numel() for p in module.parameters()), float(macs)
 
 
@@ -141,9 +144,12 @@ def _measure(model: torch.nn.Module, in_channels: int, image_size: int) -> Compl
     from nas.reference import reference_modules
 
     # every conv a module call, as ptflops counts them (the CPU rewrites compute some convs functionally)
+    from nas.plugins import stated_macs_hooks
+
     model = reference_modules(model)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         macs, _ = get_model_complexity_info(model, (in_channels, image_size, image_size), as_strings=False,
-                                            print_per_layer_stat=False, verbose=False, backend="pytorch")
+                                            print_per_layer_stat=False, verbose=False, backend="pytorch",
+                                            custom_modules_hooks=stated_macs_hooks(model))
     params = sum(p.numel() for n, p in model.named_parameters() if "auxiliary" not in n and not n.startswith("alpha_"))
     return Complexity(params_m=params / 1e6, gmac=float(macs) / 1e9)

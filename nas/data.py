@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from nas.errors import ConfigError
+from nas.registry import BUILTIN, DATASETS, DatasetEntry, register_dataset, registering
 
 CIFAR10_MEAN, CIFAR10_STD = (0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-DATASETS = ("cifar10", "cifar100", "digits")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class ImageData:
     num_classes: int
     crop_padding: int  # DARTS: 4 for 32x32
     cutout_length: int  # DARTS: 16 for 32x32
+    class_names: tuple[str, ...] = ()
 
     @property
     def in_channels(self) -> int:
@@ -84,7 +85,8 @@ def _digits() -> ImageData:
     tr, te = (~is_test).nonzero().flatten(), is_test.nonzero().flatten()
     x = images.float() / 255
     return ImageData("digits", images[tr], labels[tr], images[te], labels[te], (x.mean().item(),),
-                     (x.std().item(),), 10, crop_padding=1, cutout_length=4)
+                     (x.std().item(),), 10, crop_padding=1, cutout_length=4,
+                     class_names=tuple(str(d) for d in range(10)))
 
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -136,16 +138,89 @@ def _cifar(name: str, data_dir: str | Path, download: bool) -> ImageData:
 
     (trx, try_), (tex, tey) = as_tensors(train), as_tensors(test)
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
-    return ImageData(name, trx, try_, tex, tey, mean, std, 10 if name == "cifar10" else 100, 4, 16)
+    return ImageData(name, trx, try_, tex, tey, mean, std, 10 if name == "cifar10" else 100, 4, 16,
+                     tuple(train.classes))
+
+
+def image_data(name: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+               test_y: torch.Tensor, class_names: tuple[str, ...] | list[str],
+               mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+               crop_padding: int | None = None, cutout_length: int | None = None) -> ImageData:
+    """An ``ImageData`` from uint8 N x C x H x W images and integer labels, for a dataset plugin's loader.
+    Left out: mean/std come from the training images; the crop padding is H/8 and the cutout H/2 (DARTS'
+    4 and 16 at 32x32)."""
+    if mean is None or std is None:
+        x = train_x.float().div_(255) if isinstance(train_x, torch.Tensor) and train_x.numel() else None
+        if x is None:
+            raise ConfigError(f"dataset {name!r}: the training split is empty")
+        mean = tuple(x.mean(dim=(0, 2, 3)).tolist()) if mean is None else mean
+        std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()) if std is None else std
+    size = int(train_x.shape[-1])
+    return ImageData(name, train_x, torch.as_tensor(train_y).long(), test_x, torch.as_tensor(test_y).long(),
+                     tuple(float(m) for m in mean), tuple(float(v) for v in std), len(class_names),
+                     max(1, size // 8) if crop_padding is None else crop_padding,
+                     max(1, size // 2) if cutout_length is None else cutout_length, tuple(map(str, class_names)))
+
+
+def check_image_data(data: object, entry: DatasetEntry) -> ImageData:
+    """Refuse a loaded dataset the training loops cannot use, naming what is wrong (one line)."""
+    where = f"dataset {entry.name!r} (from {entry.source})"
+    if not isinstance(data, ImageData):
+        raise ConfigError(f"{where}: its loader must return nas.data.ImageData (see nas.data.image_data), got "
+                          f"{type(data).__name__}")
+    c, size, classes = entry.shape
+    for split in ("train", "test"):
+        x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+            raise ConfigError(f"{where}: {split} images must be a uint8 tensor N x C x H x W, got "
+                              f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
+        if len(x) == 0:
+            raise ConfigError(f"{where}: the {split} split is empty")
+        if tuple(x.shape[1:]) != (c, size, size):
+            raise ConfigError(f"{where}: {split} images are {tuple(x.shape[1:])} but it was registered as "
+                              f"{(c, size, size)} (in_channels, image_size, image_size)")
+        if not isinstance(y, torch.Tensor) or y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
+            raise ConfigError(f"{where}: {split} labels must be one integer per image ({len(x)}), got "
+                              f"{tuple(getattr(y, 'shape', ()))}")
+        if int(y.min()) < 0 or int(y.max()) >= classes:
+            raise ConfigError(f"{where}: {split} labels must lie in 0..{classes - 1}, found {int(y.min())}.."
+                              f"{int(y.max())}")
+    if data.num_classes != classes:
+        raise ConfigError(f"{where}: it holds {data.num_classes} classes but was registered with {classes}")
+    if len(data.train_y.unique()) < 2:
+        raise ConfigError(f"{where}: the training split holds fewer than 2 classes")
+    if len(data.mean) != c or len(data.std) != c or min(data.std) <= 0:
+        raise ConfigError(f"{where}: mean and std need one value per channel ({c}), std > 0; got {data.mean}, "
+                          f"{data.std}")
+    return data
 
 
 def load_dataset(name: str, data_dir: str | Path = "./data", download: bool = True) -> ImageData:
-    """Load ``name`` (cifar10, cifar100, digits) into CPU uint8 tensors; CIFAR downloads when missing."""
-    if name == "digits":
-        return _digits()
-    if name in CIFAR_FOLDERS:
-        return _cifar(name, data_dir, download)
-    raise ConfigError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+    """Load registered dataset ``name`` (cifar10, cifar100, digits, or a plugin's) into CPU uint8 tensors,
+    checked against what it was registered with; CIFAR downloads when missing and ``download``."""
+    entry = DATASETS.get(name)
+    return check_image_data(entry.load(Path(data_dir), download), entry)
+
+
+def dataset_shape(name: str) -> tuple[int, int, int]:
+    """(image channels, image size, classes) of registered dataset ``name``, without loading it."""
+    return DATASETS.get(name).shape
+
+
+def _register_builtins() -> None:
+    """The bundled datasets, registered exactly as a plugin registers its own (``nas.registry``)."""
+    register_dataset("cifar10", lambda root, download: _cifar("cifar10", root, download), in_channels=3,
+                     image_size=32, num_classes=10)
+    register_dataset("cifar100", lambda root, download: _cifar("cifar100", root, download), in_channels=3,
+                     image_size=32, num_classes=100)
+    register_dataset("digits", lambda root, download: _digits(), in_channels=1, image_size=8, num_classes=10)
+    from nas.image_folder import PREFIX, folder_entry
+
+    DATASETS.families[PREFIX] = folder_entry  # dataset: {image_folder: PATH, size: 32, ...} (nas.image_folder)
+
+
+with registering(BUILTIN):
+    _register_builtins()
 
 
 @dataclass(frozen=True)

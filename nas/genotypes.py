@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from nas.errors import ConfigError
-from nas.ops import USES_BOTTLENECK_RATIO, OpOptions, check_primitive
+from nas.ops import OpOptions, check_primitive, uses_bottleneck_ratio
 
 Edge = tuple[str, int]
 
@@ -80,7 +80,7 @@ class Genotype:
     @property
     def uses_bottleneck_ratio(self) -> bool:
         """Whether F changes the network (the cell has a PIBConv or ConvNeXt op)."""
-        return bool(self.primitives & USES_BOTTLENECK_RATIO)
+        return any(uses_bottleneck_ratio(p) for p in self.primitives)
 
     @property
     def used_bottleneck_ratio(self) -> float | None:

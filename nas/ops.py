@@ -1,7 +1,8 @@
 """Candidate operations of the DARTS cell: DARTS primitives, ConvNeXt blocks and PIBConv blocks.
 
-Every primitive is built by a constructor ``(C, stride, affine, options) -> nn.Module`` found in
-:data:`PRIMITIVES`, so op sets and genotypes refer to operations by name only. ``options``
+Every primitive is built by a constructor ``(C, stride, affine, options) -> nn.Module`` registered by name
+through ``nas.registry.register_op`` (the same call a user's plugin makes), so op sets and genotypes refer
+to operations by name only. ``options``
 (:class:`OpOptions`) carries the op-set-wide choices the paper's roadmap varies: activation,
 normalisation and the inverted-bottleneck ratio F.
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nas.errors import ConfigError
+from nas.registry import BUILTIN, OPS, register_op, registering
 from nas.kernels import DepthwiseConv2d, GroupedConv2d, LeanBatchNorm2d, every_other_pixel, pointwise, pointwise_conv
 
 ACTIVATIONS = ("relu", "gelu")
@@ -285,34 +287,69 @@ def _skip(c: int, stride: int, affine: bool, options: OpOptions) -> nn.Module:
 
 OpConstructor = Callable[[int, int, bool, OpOptions], nn.Module]
 
-PRIMITIVES: dict[str, OpConstructor] = {
-    "none": lambda c, s, a, o: Zero(s),
-    "skip_connect": _skip,
-    "max_pool_3x3": lambda c, s, a, o: nn.MaxPool2d(3, stride=s, padding=1),
-    "avg_pool_3x3": lambda c, s, a, o: nn.AvgPool2d(3, stride=s, padding=1, count_include_pad=False),
-    "conv_7x1_1x7": lambda c, s, a, o: conv_7x1_1x7(c, s, a, o),
-    "dil_conv_3x3": lambda c, s, a, o: dil_conv(c, 3, s, 2, a, o),
-    "dil_conv_5x5": lambda c, s, a, o: dil_conv(c, 5, s, 2, a, o),
-    **{f"sep_conv_{k}x{k}": (lambda k: lambda c, s, a, o: sep_conv(c, k, s, a, o))(k) for k in (3, 5, 7)},
-    **{f"convnext_{k}x{k}": (lambda k: lambda c, s, a, o: convnext_block(c, k, s, a, o))(k) for k in (3, 5, 7)},
-    **{f"pib_conv_{k}x{k}": (lambda k: lambda c, s, a, o: pib_conv(c, k, s, a, o))(k) for k in (3, 5, 7)},
-}
 
-POOLING = frozenset({"max_pool_3x3", "avg_pool_3x3"})
-PARAMETER_FREE = POOLING | {"none"}
-# Ops whose structure depends on the bottleneck ratio F.
-USES_BOTTLENECK_RATIO = frozenset(n for n in PRIMITIVES if n.startswith(("convnext_", "pib_conv_")))
+def _register_builtins() -> None:
+    """The paper's ops, registered exactly as a plugin registers its own (``nas.registry``)."""
+    register_op("none", lambda c, s, a, o: Zero(s))
+    register_op("skip_connect", _skip)
+    register_op("max_pool_3x3", lambda c, s, a, o: nn.MaxPool2d(3, stride=s, padding=1), pooling=True)
+    register_op("avg_pool_3x3", lambda c, s, a, o: nn.AvgPool2d(3, stride=s, padding=1, count_include_pad=False),
+                pooling=True)
+    register_op("conv_7x1_1x7", lambda c, s, a, o: conv_7x1_1x7(c, s, a, o))
+    register_op("dil_conv_3x3", lambda c, s, a, o: dil_conv(c, 3, s, 2, a, o))
+    register_op("dil_conv_5x5", lambda c, s, a, o: dil_conv(c, 5, s, 2, a, o))
+    for k in (3, 5, 7):
+        register_op(f"sep_conv_{k}x{k}", (lambda k: lambda c, s, a, o: sep_conv(c, k, s, a, o))(k))
+    for k in (3, 5, 7):
+        register_op(f"convnext_{k}x{k}", (lambda k: lambda c, s, a, o: convnext_block(c, k, s, a, o))(k),
+                    uses_bottleneck_ratio=True)
+    for k in (3, 5, 7):
+        register_op(f"pib_conv_{k}x{k}", (lambda k: lambda c, s, a, o: pib_conv(c, k, s, a, o))(k),
+                    uses_bottleneck_ratio=True)
+
+
+with registering(BUILTIN):
+    _register_builtins()
+
+
+class _Primitives(Mapping[str, OpConstructor]):
+    """Read-only view of the op registry: name -> constructor (built-ins and loaded plugins)."""
+
+    def __getitem__(self, name: str) -> OpConstructor:
+        return OPS.get(name).factory
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(OPS.names())
+
+    def __len__(self) -> int:
+        return len(OPS.names())
+
+
+PRIMITIVES: Mapping[str, OpConstructor] = _Primitives()
+
+
+def is_pooling(name: str) -> bool:
+    """Whether op ``name`` is a parameter-free pooling op (followed by an affine-free BN in DARTS' search
+    network)."""
+    return OPS.get(name).pooling
+
+
+def uses_bottleneck_ratio(name: str) -> bool:
+    """Whether the bottleneck ratio F changes what op ``name`` builds."""
+    return OPS.get(name).uses_bottleneck_ratio
 
 
 def check_primitive(name: str) -> str:
-    if name not in PRIMITIVES:
-        raise ConfigError(f"unknown primitive {name!r}; known primitives: {', '.join(sorted(PRIMITIVES))}")
+    OPS.get(name)  # unknown: one line naming the known ops and how to add one
     return name
 
 
 def build_op(name: str, channels: int, stride: int, affine: bool, options: OpOptions) -> nn.Module:
     """Build primitive ``name`` for ``channels`` channels; stride 2 halves the resolution."""
-    return PRIMITIVES[check_primitive(name)](channels, stride, affine, options)
+    from nas.plugins import tag_macs
+
+    entry = OPS.get(name)
+    return tag_macs(entry, entry.factory(channels, stride, affine, options))
 
 
 def cell_preprocessing(c_prev_prev: int, c_prev: int, c: int, reduction_prev: bool, affine: bool,

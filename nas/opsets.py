@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from nas.errors import ConfigError
-from nas.ops import FIRST_RELEASE_OPTIONS, POOLING, STEMS, USES_BOTTLENECK_RATIO, OpOptions, check_primitive
+from nas.ops import FIRST_RELEASE_OPTIONS, STEMS, OpOptions, check_primitive, is_pooling, uses_bottleneck_ratio
+from nas.registry import BUILTIN, OP_SET_PRESETS, register_op_set, registering
 
 DARTS_OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
              "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -50,7 +51,7 @@ class OpSet:
 
     @property
     def uses_bottleneck_ratio(self) -> bool:
-        return any(p in USES_BOTTLENECK_RATIO for p in self.primitives)
+        return any(uses_bottleneck_ratio(p) for p in self.primitives)
 
     @property
     def used_bottleneck_ratio(self) -> float | None:
@@ -65,7 +66,7 @@ class OpSet:
             form["activation_scope"] = self.options.activation_scope
         if any(p.startswith("pib_conv_") for p in self.primitives) and not self.options.bottleneck_ratio.is_integer():
             form["pib_groups"] = self.options.pib_groups
-        if POOLING & set(self.primitives):
+        if any(is_pooling(p) for p in self.primitives):
             form["pooling_bn"] = self.pooling_bn
         return form
 
@@ -149,17 +150,42 @@ class OpSet:
 PIBCONV_RELEASED_OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
                         "pib_conv_3x3", "pib_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
 
-OP_SETS: dict[str, OpSet] = {
-    "darts": OpSet(DARTS_OPS, OpOptions("relu", "bn")),
-    "darts_gelu": OpSet(DARTS_OPS, OpOptions("gelu", "bn")),
-    "darts_gelu_ln": OpSet(DARTS_OPS, OpOptions("gelu", "ln")),
-    "convnext": OpSet(CONVNEXT_OPS, OpOptions("gelu", "bn", 4.0)),  # the paper kept BN after the LN step
+def _register_builtins() -> None:
+    """The roadmap's presets, registered exactly as a plugin registers its own (``nas.registry``)."""
+    register_op_set("darts", OpSet(DARTS_OPS, OpOptions("relu", "bn")))
+    register_op_set("darts_gelu", OpSet(DARTS_OPS, OpOptions("gelu", "bn")))
+    register_op_set("darts_gelu_ln", OpSet(DARTS_OPS, OpOptions("gelu", "ln")))
+    register_op_set("convnext", OpSet(CONVNEXT_OPS, OpOptions("gelu", "bn", 4.0)))  # the paper kept BN after LN
     # the paper's text: its 10 ops and DARTS' stem; no BN after pooling, as the released MixedOp
-    "pibconv": OpSet(PIBCONV_OPS, OpOptions("gelu", "bn", 2.0), pooling_bn=False),
+    register_op_set("pibconv", OpSet(PIBCONV_OPS, OpOptions("gelu", "bn", 2.0), pooling_bn=False))
     # the released search network exactly: its 8 ops in its order, the patchify stem, no BN after pooling
-    "pibconv_released": OpSet(PIBCONV_RELEASED_OPS, OpOptions("gelu", "bn", 2.0), stem="patchify",
-                              pooling_bn=False),
-}
+    register_op_set("pibconv_released", OpSet(PIBCONV_RELEASED_OPS, OpOptions("gelu", "bn", 2.0), stem="patchify",
+                                              pooling_bn=False))
+
+
+with registering(BUILTIN):
+    _register_builtins()
+
+# The first release's presets: resuming one of its sweeps must build what it meant by these names.
+FIRST_RELEASE_PRESETS = ("darts", "darts_gelu", "darts_gelu_ln", "convnext", "pibconv")
+
+
+class _Presets(Mapping[str, OpSet]):
+    """Read-only view of the op-set preset registry: name -> OpSet (built-ins and loaded plugins)."""
+
+    def __getitem__(self, name: str) -> OpSet:
+        if name not in OP_SET_PRESETS:
+            raise KeyError(name)
+        return OP_SET_PRESETS.get(name).build()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(OP_SET_PRESETS.names())
+
+    def __len__(self) -> int:
+        return len(OP_SET_PRESETS.names())
+
+
+OP_SETS: Mapping[str, OpSet] = _Presets()
 
 
 def first_release_preset(name: str) -> OpSet:
@@ -176,7 +202,7 @@ def resolve_op_set(spec: str | Mapping[str, Any] | OpSet, bottleneck_ratio: floa
     if isinstance(spec, OpSet):
         op_set = spec
     elif isinstance(spec, str):
-        if spec not in OP_SETS or (first_release and spec == "pibconv_released"):
+        if spec not in OP_SETS or (first_release and spec not in FIRST_RELEASE_PRESETS):
             raise ConfigError(f"unknown op set {spec!r}; presets: {', '.join(OP_SETS)} (or give a list of primitives)")
         op_set = first_release_preset(spec) if first_release else OP_SETS[spec]
     elif isinstance(spec, Mapping):
@@ -190,7 +216,7 @@ def first_release_op_set_id(old_id: str) -> str:
     """Today's id of the network an op-set id meant in a sweep written by the first release
     (``pibconv`` -> ``pibconv-gelu_all-pool_bn``, ``darts`` -> ``darts``); custom ids are unchanged."""
     name, _, ratio = old_id.partition("-F")
-    if name not in OP_SETS or name == "pibconv_released":
+    if name not in FIRST_RELEASE_PRESETS:
         return old_id
     try:
         op_set = first_release_preset(name) if not ratio else first_release_preset(name).with_ratio(float(ratio))

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nas.kernels import DepthwiseConv2d, GlobalAvgPool2d, GroupedConv2d, LeanBatchNorm2d, PointwiseConv2d
-from nas.ops import POOLING, FactorizedReduce, build_op
+from nas.ops import FactorizedReduce, build_op, is_pooling
 from nas.opsets import OpSet
 from nas.search_network import SearchNetwork
 
@@ -53,7 +53,7 @@ class PlainMixedOp(nn.Module):
         ops = []
         for name in op_set.primitives:
             op = build_op(name, channels, stride, False, op_set.options)
-            if name in POOLING and op_set.pooling_bn:
+            if is_pooling(name) and op_set.pooling_bn:
                 op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
             ops.append(op)
         self.ops = nn.ModuleList(ops)

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from nas.fused import StackedCell
 from nas.genotypes import Genotype
 from nas.kernels import GlobalAvgPool2d, cuda_code_path
-from nas.ops import (POOLING, build_op, cell_layout, cell_preprocessing, make_activation,
+from nas.ops import (build_op, is_pooling, cell_layout, cell_preprocessing, make_activation,
                      make_norm, stem)
 from nas.opsets import OpSet
 
@@ -38,7 +38,7 @@ class MixedOp(nn.Module):
         for i in self.index:
             name = op_set.primitives[i]
             op = build_op(name, channels, stride, False, op_set.options)
-            if name in POOLING and op_set.pooling_bn:
+            if is_pooling(name) and op_set.pooling_bn:
                 op = nn.Sequential(op, make_norm("bn", channels, affine=False))
             ops.append(op)
         self.ops = nn.ModuleList(ops)

@@ -66,7 +66,8 @@ def _drive(args: argparse.Namespace, run) -> int:
     stop = GracefulStop(grace_s=args.grace, say=say)
     with stop.installed():
         try:
-            path = run(verbose=args.verbose, force=args.force, stop=stop, progress_every=args.progress_every)
+            path = run(verbose=args.verbose, force=args.force, stop=stop, progress_every=args.progress_every,
+                       accept_plugin_change=args.accept_plugin_change)
         except (SweepInterrupted, KeyboardInterrupt, SweepSignalled) as exc:
             if stop.exit_code is not None:
                 name = signal.Signals(stop.signum).name
@@ -152,6 +153,9 @@ def _driver_options(p: argparse.ArgumentParser) -> None:
                    help="0 dartsweep's lines only, 1 (default) plus a progress line per stage, 2 plus Ray's own "
                         "tables and trial output (always in DIR/driver.log)")
     p.add_argument("--force", action="store_true", help="take the sweep's lock even from a live driver")
+    p.add_argument("--accept-plugin-change", action="store_true",
+                   help="continue a sweep although a plugin file changed since it was frozen (recorded in the "
+                        "sweep's driver.log and sweep.yaml)")
     p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE_S,
                    help=f"on SIGTERM/SIGUSR1: seconds to wait for running trials to checkpoint before saving and "
                         f"exiting 143/138 (default {DEFAULT_GRACE_S:g})")

@@ -30,17 +30,19 @@ import contextlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from nas.data import CIFAR_FOLDERS, ImageData, load_dataset, nbytes, to_arrays
+from nas.registry import DATASETS
+from nas.data import CIFAR_FOLDERS, ImageData, dataset_shape, load_dataset, nbytes, to_arrays
 from nas.errors import ConfigError
 from nas.genotypes import Genotype
 from nas.io import write_text_atomic
-from sweeps.spec import (DATASET_SHAPES, SEARCHED, SWEEP_FORMAT, Stage, SweepSpec, eval_table, eval_trials,
+from sweeps.spec import (SEARCHED, SWEEP_FORMAT, Stage, SweepSpec, eval_table, eval_trials,
                          fold_ratios, parse_sweep, search_trials, table_key)
 
 SWEEP_FILE, STATE_FILE, GENOTYPE_DIR = "sweep.yaml", "state.json", "genotypes"
@@ -130,7 +132,8 @@ class SweepDir:
     def is_sweep(self) -> bool:
         return self.exists(SWEEP_FILE)
 
-    def load_spec(self) -> SweepSpec:
+    def load_spec(self, plugins: str = "import") -> SweepSpec:
+        """The frozen sweep; ``plugins``: how its plugins are taken (``sweeps.spec.sweep_plugins``)."""
         if not self.is_sweep():
             raise ConfigError(f"{self.location} is not a sweep directory (no {SWEEP_FILE}); "
                               "pass the folder that `dartsweep sweep run` printed")
@@ -138,7 +141,8 @@ class SweepDir:
         # relative to where its driver ran, which resume keeps. One without a format was written by the
         # first release: its names mean that release's networks.
         raw = yaml.safe_load(self.read_text(SWEEP_FILE))
-        return parse_sweep(raw, Path.cwd(), first_release=isinstance(raw, dict) and "format" not in raw)
+        return parse_sweep(raw, Path.cwd(), first_release=isinstance(raw, dict) and "format" not in raw,
+                           plugins=plugins)
 
 
 def _print(msg: str) -> None:
@@ -164,7 +168,7 @@ def trial_table(spec: SweepSpec, searched: dict[str, Any] | None = None) -> list
         stage = spec.eval
         known = {k: {"genotype": v} for k, v in stage.axes["genotypes"].items() if v != SEARCHED}
         known.update(searched or {})
-        in_ch, size, classes = DATASET_SHAPES[spec.dataset]
+        in_ch, size, classes = dataset_shape(spec.dataset)
         channels = stage.base.get("channels", 36)
         if stage.search_alg.type != "grid":  # sampled: list the space, not a grid
             for gid in known:
@@ -210,8 +214,11 @@ def plan_summary(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
 
 def data_summary(spec: SweepSpec) -> str:
     """Where the sweep's data comes from and how trials get it (for ``--dry-run``)."""
+    entry = DATASETS.get(spec.dataset)
     if spec.dataset == "digits":
         where = "scikit-learn's bundled copy"
+    elif spec.dataset not in CIFAR_FOLDERS:
+        where = entry.source
     else:
         present = (Path(spec.data_dir) / CIFAR_FOLDERS[spec.dataset]).is_dir()
         where = f"{spec.data_dir} ({'present' if present else 'missing: the driver downloads it when online'})"
@@ -232,23 +239,29 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 # ------------------------------------------------------------------------------------------------ running
 
-def _ray_init(address: str | None, verbose: int = 1) -> bool:
+def _ray_init(address: str | None, verbose: int = 1, plugins: tuple[dict[str, Any], ...] = ()) -> bool:
     """Connect to ``address``, or start an embedded single-machine Ray; True when this call started or joined
-    Ray (so the caller stops it), False when Ray was already initialised by someone else."""
+    Ray (so the caller stops it), False when Ray was already initialised by someone else. The sweep's
+    plugins travel with the job (``runtime_env`` py_modules): Ray ships them to every node, which needs no
+    shared file system and no copy of its own."""
     import ray
+
+    from nas.plugins import load_plugin, ship_folder
 
     if ray.is_initialized():
         return False
+    modules = ship_folder([load_plugin(p["source"]) for p in plugins])
+    runtime_env = {"py_modules": modules} if modules else None
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")  # 0-GPU trials see no GPU (#54868)
     if verbose < 2:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if address:
-        ray.init(address=address, log_to_driver=True)  # worker lines: to the sweep's log (sweeps.console)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)  # worker lines: to the sweep's log (sweeps.console)
     else:  # an embedded single-machine Ray, reachable from this machine only
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # "local": always a fresh instance; with no address Ray would join the last cluster started here
         ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
+                 _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False, runtime_env=runtime_env)
     return True
 
 
@@ -376,16 +389,18 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _trainable(stage: Stage, genotypes: dict[str, Any] | None = None, data: ImageData | None = None,
-               stop_board: str | None = None) -> Callable:
+               stop_board: str | None = None, plugins: tuple[dict[str, Any], ...] = ()) -> Callable:
     """The stage's trainable with its resources; the search stage's gets its op sets (id -> mapping), the
     eval stage's ``genotypes`` (id -> entry). Both get ``data`` (the driver's copy of the data set) through
     Ray's object store (without it, ``data_transfer: shared_path``, each trial reads its ``data_dir``) and
-    the name of the driver's stop board (``sweeps.stopping``)."""
+    the name of the driver's stop board (``sweeps.stopping``), and the records of the sweep's plugins, which
+    each trial imports (Ray shipped their code with the job's runtime_env) before it looks a name up."""
     from ray import tune
 
     from sweeps import trainables
 
-    shipped = {"data": None if data is None else to_arrays(data), "stop_board": stop_board}
+    shipped = {"data": None if data is None else to_arrays(data), "stop_board": stop_board,
+               "plugins": list(plugins)}
     if stage.kind == "search":
         fn = tune.with_parameters(trainables.search_trainable, op_sets=stage.axes["op_sets"], **shipped)
     else:
@@ -422,7 +437,7 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
     verbose = run.verbose
     part = part or stage.kind
     stage_path = sweep.join(part)
-    trainable = _trainable(stage, genotypes, data, run.board_name)
+    trainable = _trainable(stage, genotypes, data, run.board_name, spec.plugins)
     if tune.Tuner.can_restore(stage_path):
         _print(f"{part}: continuing the experiment in {stage_path}")
         tuner = tune.Tuner.restore(stage_path, trainable, resume_unfinished=True, resume_errored=True)
@@ -462,6 +477,12 @@ def expected_trials(stage: Stage, genotypes: dict[str, Any] | None = None) -> in
     return len(eval_trials(stage, genotypes or {}))
 
 
+def plugins_used(ops: set[str], plugins: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    """The plugins (source, content hash, ops) whose ops a genotype uses: what its JSON records."""
+    return [{"source": p["source"], "sha256": p["sha256"], "ops": sorted(ops & set(p.get("ops", {})))}
+            for p in plugins if ops & set(p.get("ops", {}))]
+
+
 def collect_genotypes(sweep: SweepDir, spec: SweepSpec) -> dict[str, Any]:
     """Derived genotypes of the finished search trials, written to ``genotypes/`` (atomic) and returned,
     by table key (:func:`sweeps.spec.table_key`); each entry names the op set by its id."""
@@ -482,6 +503,9 @@ def collect_genotypes(sweep: SweepDir, spec: SweepSpec) -> dict[str, Any]:
                  "F": last.get("F"), "seed": last.get("seed"), "valid_acc": last.get("valid_acc"),
                  "source_trial": trial.trial_id,
                  **({"cost_weight": last["cost_weight"]} if last.get("cost_weight") is not None else {})}
+        used = plugins_used(g.primitives, spec.plugins)
+        if used:
+            entry["plugins"] = used
         key = table_key(g, first_release)
         if key not in found:
             found[key] = entry
@@ -508,7 +532,8 @@ def eval_genotypes(spec: SweepSpec, searched: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None = None,
-              verbose: int = 1, force: bool = False, stop: Any = None, progress_every: float | None = None) -> str:
+              verbose: int = 1, force: bool = False, stop: Any = None, progress_every: float | None = None,
+              accept_plugin_change: bool = False) -> str:
     """Launch a new sweep; refuses to touch an existing sweep directory (use ``resume_sweep``). ``stop``:
     the caller's ``sweeps.stopping.GracefulStop`` (signals), ``progress_every``: seconds between progress
     lines (default 30 on a terminal, 60 otherwise)."""
@@ -553,13 +578,15 @@ def _fresh(sweep: SweepDir) -> bool:
 
 
 def resume_sweep(location: str | Path, address: str | None = None, verbose: int = 1, force: bool = False,
-                 stop: Any = None, progress_every: float | None = None) -> str:
-    """Continue a sweep: unfinished and errored trials from their last checkpoints; finished ones are kept."""
+                 stop: Any = None, progress_every: float | None = None, accept_plugin_change: bool = False) -> str:
+    """Continue a sweep: unfinished and errored trials from their last checkpoints; finished ones are kept.
+    A plugin changed since the sweep was frozen is refused unless ``accept_plugin_change``."""
     sweep = SweepDir.at(location)
-    spec = sweep.load_spec()
+    spec = sweep.load_spec("accept" if accept_plugin_change else "import")
     check_resources(spec, address)
     lock = acquire_lock(sweep, force)  # before anything is read that a live driver may be writing
     try:
+        record_plugin_change(sweep, spec)
         state = sweep.read_state().get("stages", {})
         pending = [s.kind for s in (spec.search, spec.eval) if s is not None and state.get(s.kind) != "done"]
         return _continue(spec, sweep, address, _run(verbose, stop, progress_every),
@@ -568,8 +595,29 @@ def resume_sweep(location: str | Path, address: str | None = None, verbose: int 
         lock.release()
 
 
+def record_plugin_change(sweep: SweepDir, spec: SweepSpec) -> None:
+    """Where ``spec`` took plugins whose content differs from the frozen records (--accept-plugin-change):
+    freeze the new records and say so in the sweep's driver.log."""
+    from sweeps.console import LOG_FILE
+
+    raw = yaml.safe_load(sweep.read_text(SWEEP_FILE))
+    was = {p["source"]: p["sha256"] for p in raw.get("plugins") or [] if isinstance(p, dict)}
+    changed = [p for p in spec.plugins if was.get(p["source"], p["sha256"]) != p["sha256"]]
+    if not changed:
+        return
+    sweep.write_text(yaml.safe_dump({**raw, "plugins": list(spec.plugins)}, sort_keys=False), SWEEP_FILE)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    lines = "".join(f"[dartsweep] {stamp} plugin {p['source']} changed (sha256 {was[p['source']][:12]} -> "
+                    f"{p['sha256'][:12]}); accepted with --accept-plugin-change\n" for p in changed)
+    for line in lines.splitlines():
+        _print(line.removeprefix("[dartsweep] "))
+    old = sweep.read_text(LOG_FILE) if sweep.exists(LOG_FILE) else ""
+    sweep.write_text(old + lines, LOG_FILE)
+
+
 def up_sweep(file_or_name: str | Path, storage: str | None = None, address: str | None = None, verbose: int = 1,
-             force: bool = False, stop: Any = None, progress_every: float | None = None) -> str:
+             force: bool = False, stop: Any = None, progress_every: float | None = None,
+             accept_plugin_change: bool = False) -> str:
     """The idempotent entry point job scripts and requeues call: run the sweep when its folder holds none,
     resume it when it does, as long as the file still describes the frozen sweep (a differing grid or
     training setting is refused naming the key; ``extend`` grows a sweep)."""
@@ -581,9 +629,9 @@ def up_sweep(file_or_name: str | Path, storage: str | None = None, address: str 
     if _fresh(sweep):
         _print(f"{sweep.location}: no sweep there yet; starting it")
         return run_sweep(spec, storage, address, verbose, force, stop, progress_every)
-    check_unchanged(sweep, spec, str(file_or_name))
+    check_unchanged(sweep, spec, str(file_or_name), accept_plugin_change)
     _print(f"{sweep.location}: continuing the sweep there")
-    return resume_sweep(sweep.location, address, verbose, force, stop, progress_every)
+    return resume_sweep(sweep.location, address, verbose, force, stop, progress_every, accept_plugin_change)
 
 
 def _run(verbose: int, stop: Any, progress_every: float | None) -> Run:
@@ -621,18 +669,20 @@ def _warn_cluster_resources(spec: SweepSpec) -> None:
 
 
 def extend_sweep(location: str | Path, file: str | Path, address: str | None = None, verbose: int = 1,
-                 force: bool = False, stop: Any = None, progress_every: float | None = None) -> str:
+                 force: bool = False, stop: Any = None, progress_every: float | None = None,
+                 accept_plugin_change: bool = False) -> str:
     """Add the grid points of ``file`` to a finished sweep and train only those (``sweeps.extend``)."""
     from sweeps.extend import apply_extension, prepare_extension
 
     sweep = SweepDir.at(location)
-    old, union = prepare_extension(sweep, file)
+    old, union = prepare_extension(sweep, file, accept_plugin_change)
     check_resources(union, address)
     lock = acquire_lock(sweep, force)
     try:
         data = load_sweep_data(union)
         apply_extension(sweep, old, union)
-        return _continue(sweep.load_spec(), sweep, address, _run(verbose, stop, progress_every), data, lock)
+        record_plugin_change(sweep, union)
+        return _continue(sweep.load_spec("accept" if accept_plugin_change else "import"), sweep, address, _run(verbose, stop, progress_every), data, lock)
     finally:
         lock.release()
 
@@ -649,22 +699,32 @@ def acquire_lock(sweep: SweepDir, force: bool = False):
 SHIP_LIMIT_BYTES = 2 << 30
 
 
+def _check_ship_size(spec: SweepSpec, size: int) -> None:
+    if size > SHIP_LIMIT_BYTES:
+        raise ConfigError(f"data: {spec.dataset} holds {size / 2**30:.1f} GiB, more than the "
+                          f"{SHIP_LIMIT_BYTES / 2**30:g} GiB dartsweep ships through Ray's object store to every node; "
+                          "set data_transfer: shared_path (every trial then reads it from a folder every node sees)")
+
+
 def load_sweep_data(spec: SweepSpec) -> ImageData | None:
     """The data set the sweep's trials train on, loaded once by the driver (downloaded if it is missing and
     this machine is online), before any cluster work; None with ``data_transfer: shared_path``, after the
     same check, since then every trial reads ``data_dir`` itself."""
+    from nas.image_folder import PREFIX, estimated_bytes, parse_name
+
+    if spec.data_transfer == "object_store" and spec.dataset.startswith(PREFIX):  # refuse before decoding
+        _check_ship_size(spec, estimated_bytes(parse_name(spec.dataset)))
     data = load_dataset(spec.dataset, spec.data_dir, download=True)
     if spec.data_transfer == "shared_path":
         _print(f"data: {spec.dataset} in {spec.data_dir}; every trial reads it there (data_transfer: "
                "shared_path), so that folder must exist on every node")
         return None
     size = nbytes(data)
-    _print(f"data: {spec.dataset} from {spec.data_dir if spec.dataset != 'digits' else 'scikit-learn'} "
+    _check_ship_size(spec, size)
+    where = DATASETS.get(spec.dataset).source if spec.dataset not in CIFAR_FOLDERS else spec.data_dir
+    _print(f"data: {spec.dataset} from {where if spec.dataset != 'digits' else 'scikit-learn'} "
            f"({len(data.train_y)} training, {len(data.test_y)} test images, {size / 2**20:.0f} MiB), shipped to "
            "the trials through Ray's object store")
-    if size > SHIP_LIMIT_BYTES:
-        _print(f"warning: {size / 2**30:.1f} GiB is a lot to ship to every node; consider data_transfer: "
-               "shared_path with a data_dir every node reads")
     return data
 
 
@@ -679,7 +739,7 @@ def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, run: Run,
     with captured_console(log, run.verbose):
         if log is not None and run.verbose < 2:
             _print(f"Ray's own output: {log}")
-        started = _ray_init(address, run.verbose)
+        started = _ray_init(address, run.verbose, spec.plugins)
         if run.stop is not None:
             run.stop.install()  # ray.init sets a SIGTERM handler of its own
         session = _ray_session_name() if started and not address and lock is not None else None

@@ -32,7 +32,8 @@ import torch
 from nas.config import EvalConfig, SearchConfig
 from nas.data import ImageData
 from nas.errors import ConfigError
-from sweeps.spec import DATASET_SHAPES, SEARCHED, SweepSpec, eval_table, eval_trials, search_trials
+from nas.data import dataset_shape
+from sweeps.spec import SEARCHED, SweepSpec, eval_table, eval_trials, search_trials
 
 DATASET_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}  # (train, test) images
 TIMED_STEPS = 2  # after one warm-up step
@@ -139,14 +140,16 @@ def synthetic_data(dataset: str, train: int, test: int) -> ImageData:
     """Random images of ``dataset``'s shape and normalisation (the cost of a step does not depend on them)."""
     from nas.data import load_dataset
 
-    in_ch, size, classes = DATASET_SHAPES[dataset]
+    in_ch, size, classes = dataset_shape(dataset)
     if dataset == "digits":
         real = load_dataset("digits")
         mean, std, pad, cutout = real.mean, real.std, real.crop_padding, real.cutout_length
-    else:
+    elif dataset in DATASET_SIZES:
         from nas.reference import CIFAR_MEAN, CIFAR_STD
 
         mean, std, pad, cutout = CIFAR_MEAN, CIFAR_STD, 4, 16
+    else:  # a plugin's dataset: the cost of a step depends on its shape only
+        mean, std, pad, cutout = (0.5,) * in_ch, (0.25,) * in_ch, max(1, size // 8), max(1, size // 2)
     gen = torch.Generator().manual_seed(0)
 
     def images(n: int) -> torch.Tensor:
@@ -156,14 +159,14 @@ def synthetic_data(dataset: str, train: int, test: int) -> ImageData:
                      torch.randint(0, classes, (test,), generator=gen), mean, std, classes, pad, cutout)
 
 
-def dataset_sizes(dataset: str) -> tuple[int, int]:
-    """(training, test) images of ``dataset``."""
-    if dataset == "digits":
-        from nas.data import load_dataset
+def dataset_sizes(dataset: str, data_dir: str = "./data") -> tuple[int, int]:
+    """(training, test) images of ``dataset`` (CIFAR's known sizes; any other is loaded and counted)."""
+    if dataset in DATASET_SIZES:
+        return DATASET_SIZES[dataset]
+    from nas.data import load_dataset
 
-        real = load_dataset("digits")
-        return len(real.train_y), len(real.test_y)
-    return DATASET_SIZES[dataset]
+    real = load_dataset(dataset, data_dir, download=False)
+    return len(real.train_y), len(real.test_y)
 
 
 def measure(kind: str, config: SearchConfig | EvalConfig, device: str, threads: int | None = None) -> dict[str, float]:
@@ -219,7 +222,7 @@ def _gmac(network: Network) -> float:
     from nas.complexity import complexity, search_complexity
 
     cfg = network.config
-    in_ch, size, classes = DATASET_SHAPES[cfg.dataset]
+    in_ch, size, classes = dataset_shape(cfg.dataset)
     if network.kind == "search":
         return search_complexity(cfg.resolved_op_set(), cfg.layers, cfg.channels, cfg.nodes, classes, in_ch,
                                  size).gmac
@@ -295,7 +298,7 @@ def time_networks(spec: SweepSpec, device: str | None = None, table: str | Path 
 def estimate(spec: SweepSpec, networks: list[Network]) -> dict[str, Any]:
     """Per stage and in total: trials, device-hours (GPU-hours for GPU trials, core-hours for CPU ones)
     and the longest epoch (what a job script's warning signal must leave time for)."""
-    sizes = dataset_sizes(spec.dataset)
+    sizes = dataset_sizes(spec.dataset, spec.data_dir)
     stages: dict[str, dict[str, Any]] = {}
     for n in networks:
         s = stages.setdefault(n.kind, {"trials": 0, "timed_trials": 0, "device_hours": 0.0, "unit": "",

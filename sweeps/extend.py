@@ -123,6 +123,8 @@ def union_raw(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
                     merged.append(v)
             if merged:
                 stage[key] = merged
+    if new.get("plugins"):  # the file's plugins as they are now (a changed one got past the frozen check)
+        out["plugins"] = new["plugins"]
     return out
 
 
@@ -169,14 +171,15 @@ def _current_points(sweep: Any, spec: SweepSpec) -> dict[str, list[dict[str, Any
     return out
 
 
-def prepare_extension(sweep: Any, file: str | Path) -> tuple[SweepSpec, SweepSpec]:
+def prepare_extension(sweep: Any, file: str | Path, accept_plugin_change: bool = False) -> tuple[SweepSpec, SweepSpec]:
     """(the sweep's spec, the extended spec) after every check; nothing written."""
     from sweeps.spec import load_sweep
 
-    old = sweep.load_spec()
+    mode = "accept" if accept_plugin_change else "import"
+    old = sweep.load_spec(mode)
     new = load_sweep(file)
     check_extension(old, new, str(file))
-    union = parse_sweep(union_raw(old.raw, new.raw), Path.cwd())
+    union = parse_sweep(union_raw(old.raw, new.raw), Path.cwd(), plugins=mode)
     return old, union
 
 
@@ -216,6 +219,9 @@ def spec_differences(frozen: SweepSpec, new: SweepSpec, extended: bool = False) 
     for key in ("dataset", "data_transfer", "max_failures", "max_concurrent_trials"):
         if getattr(frozen, key) != getattr(new, key):
             out.append((key, getattr(frozen, key), getattr(new, key)))
+    was_plugins, now_plugins = ([p["source"] for p in spec.plugins] for spec in (frozen, new))
+    if was_plugins != now_plugins and not (extended and set(was_plugins) <= set(now_plugins)):
+        out.append(("plugins", was_plugins, now_plugins))
     for kind in ("search", "eval"):
         was, now = getattr(frozen, kind), getattr(new, kind)
         if (was is None) != (now is None):
@@ -233,9 +239,10 @@ def spec_differences(frozen: SweepSpec, new: SweepSpec, extended: bool = False) 
     return out
 
 
-def check_unchanged(sweep: Any, new: SweepSpec, file: str) -> None:
-    """Refuse (ConfigError naming the key) a file that no longer describes the sweep frozen in ``sweep``."""
-    frozen = sweep.load_spec()
+def check_unchanged(sweep: Any, new: SweepSpec, file: str, accept_plugin_change: bool = False) -> None:
+    """Refuse (ConfigError naming the key) a file that no longer describes the sweep frozen in ``sweep``
+    (a changed plugin: unless ``accept_plugin_change``)."""
+    frozen = sweep.load_spec("accept" if accept_plugin_change else "import")
     extended = bool(sweep.read_state().get("extensions"))
     diffs = spec_differences(frozen, new, extended)
     if not diffs:

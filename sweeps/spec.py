@@ -22,8 +22,9 @@ from nas.config import EvalConfig, SearchConfig, config_from_mapping
 from nas.errors import ConfigError
 from nas.genotypes import GENOTYPES, Genotype, load_genotype
 from nas.opsets import OP_SETS, OpSet, resolve_op_set
+from nas.registry import DATASETS
 
-TOP_KEYS = {"name", "description", "dataset", "data_dir", "data_transfer", "storage", "search", "eval",
+TOP_KEYS = {"name", "description", "plugins", "dataset", "data_dir", "data_transfer", "storage", "search", "eval",
             "failure", "max_concurrent_trials", "format"}
 # The sweep.yaml a driver freezes says `format: 3`; one without it was written by dartsweep's first release,
 # whose preset names and option-less mappings meant the first release's networks (see nas.ops
@@ -41,7 +42,6 @@ EVAL_GRID_KEYS = {"genotypes", "layers", "F"}
 SEARCH_ALGS = ("grid", "random", "optuna")
 SEARCHED = "searched"
 # per-data-set input shape (channels, size, classes): lets a dry run price trials without loading data
-DATASET_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "digits": (1, 8, 10)}
 
 
 def _fail(where: str, message: str) -> ConfigError:
@@ -219,6 +219,7 @@ class SweepSpec:
     max_concurrent_trials: int | None
     raw: dict[str, Any]  # the resolved file, frozen into the sweep directory
     first_release: bool = False  # written by dartsweep's first release (see SWEEP_FORMAT)
+    plugins: tuple[dict[str, Any], ...] = ()  # each plugin's record (source, sha256, module, what it registers)
 
     @property
     def uses_searched(self) -> bool:
@@ -384,24 +385,71 @@ def _flatten_cost(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {**raw, "search": flat}
 
 
-def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = False) -> SweepSpec:
-    """Validate a parsed sweep file; relative paths in it (data_dir, storage, genotype files) resolve
-    against ``base_dir``, the sweep file's folder. ``first_release``: a frozen sweep.yaml written by the
-    first release (see SWEEP_FORMAT)."""
+PLUGIN_MODES = ("import", "accept", "optional")
+
+
+def sweep_plugins(raw: Any, base_dir: Path, mode: str = "import") -> list[dict[str, Any]]:
+    """Import a sweep's plugins (before anything names their ops, presets or datasets) and return their
+    records. Items are paths/module names (a sweep file) or records (a frozen sweep.yaml). A frozen plugin
+    whose content changed is refused (``mode`` "import"), taken as it is now ("accept":
+    --accept-plugin-change), or, where it cannot be imported, stood in for by placeholders ("optional":
+    analysis and status, which need its names, not its code)."""
+    from nas.plugins import load_plugin, plugin_sha256, register_placeholders
+
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"plugins: must be a list of .py files (relative to the sweep file) or module names, "
+                          f"got {raw!r}")
+    out = []
+    for item in raw:
+        if isinstance(item, str) and item:
+            out.append(load_plugin(item, base_dir).record())
+            continue
+        if not isinstance(item, Mapping) or not isinstance(item.get("source"), str) or "sha256" not in item:
+            raise ConfigError(f"plugins: each item must be a .py file or a module name, got {item!r}")
+        try:
+            source, sha = plugin_sha256(item["source"])
+            if sha != item["sha256"] and mode != "accept":
+                raise ConfigError(f"plugin {source} changed since the sweep was frozen (sha256 {item['sha256'][:12]} "
+                                  f"-> {sha[:12]}); restore it, or take it as it is now with --accept-plugin-change")
+            out.append(load_plugin(item["source"]).record())
+        except ConfigError as exc:
+            if mode != "optional":
+                raise
+            register_placeholders(item, str(exc))
+            out.append(dict(item))
+    return out
+
+
+def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = False,
+                plugins: str = "import") -> SweepSpec:
+    """Validate a parsed sweep file; relative paths in it (data_dir, storage, genotype files, plugins)
+    resolve against ``base_dir``, the sweep file's folder. ``first_release``: a frozen sweep.yaml written by
+    the first release (see SWEEP_FORMAT). ``plugins``: see :func:`sweep_plugins`."""
     if not isinstance(raw, Mapping):
         raise ConfigError("a sweep file must be a YAML mapping with at least 'name' and a 'search' or 'eval' stage")
     unknown = sorted(set(raw) - TOP_KEYS)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}")
     raw = _flatten_cost(raw)
+    plugin_records = sweep_plugins(raw.get("plugins"), base_dir.expanduser().resolve(), plugins)
     if not isinstance(raw.get("description", ""), str):
         raise ConfigError(f"description: must be a string, got {raw['description']!r}")
     name = raw.get("name")
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise ConfigError(f"name: must be a folder name (no '/'), got {name!r}")
     dataset = raw.get("dataset", "cifar10")
-    if not isinstance(dataset, str) or dataset not in DATASET_SHAPES:
-        raise ConfigError(f"dataset: unknown dataset {dataset!r}; use one of {', '.join(DATASET_SHAPES)}")
+    folder = None
+    if isinstance(dataset, Mapping):  # {image_folder: PATH, size: 32, ...}: see nas.image_folder
+        from nas.image_folder import folder_spec
+
+        folder = folder_spec(dataset, base_dir.expanduser().resolve())
+        dataset = folder.name
+        DATASETS.get(dataset)  # lists its classes: a folder without class folders fails here
+    if not isinstance(dataset, str) or dataset not in DATASETS:
+        raise ConfigError(f"dataset: unknown dataset {dataset!r}; use one of {', '.join(DATASETS.names())} (or a "
+                          "plugin's, named under plugins:)")
     base_dir = base_dir.expanduser().resolve()
     data_dir = resolve_path(raw.get("data_dir", "./data"), base_dir, "data_dir")
     if "://" in data_dir:
@@ -435,13 +483,17 @@ def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = Fals
         resolved["eval"]["genotypes"] = [SEARCHED if v == SEARCHED else v for v in evaluation.axes["genotypes"].values()]
     storage = None if raw.get("storage") is None else resolve_path(raw["storage"], base_dir, "storage")
     resolved["data_dir"] = data_dir  # the frozen sweep.yaml records absolute paths
+    if folder is not None:
+        resolved["dataset"] = folder.to_dict()
     if storage is not None:
         resolved["storage"] = storage
     if search is not None and search.base.get("cost_lut") is not None:
         resolved["search"]["cost_lut"] = search.base["cost_lut"]
     resolved["format"] = fmt  # a frozen format-2 sweep stays format 2 (its stems keep their bias)
+    if plugin_records:
+        resolved["plugins"] = plugin_records  # path, content hash and names of each: frozen with the sweep
     return SweepSpec(name, dataset, data_dir, data_transfer, storage, search, evaluation, max_failures, mct,
-                     resolved, first_release)
+                     resolved, first_release, tuple(plugin_records))
 
 
 def builtin_sweeps() -> dict[str, Path]:

@@ -55,7 +55,7 @@ def _cost_lines(sweep, frame) -> list[str]:
     from sweeps.estimate import cost_so_far
 
     try:
-        spec = sweep.load_spec()
+        spec = sweep.load_spec(plugins="optional")
         expected = {}
         if spec.search is not None:
             expected["search"] = expected_trials(spec.search)

@@ -40,6 +40,7 @@ from nas.config import EvalConfig, SearchConfig
 from nas.data import ImageData, from_arrays, load_dataset
 from nas.errors import DivergenceError
 from nas.io import load_checkpoint
+from nas.plugins import import_shipped
 from nas.train import run_eval, run_search
 from sweeps.checkpoints import TrialStore
 from sweeps.stopping import TrialControl
@@ -181,10 +182,13 @@ def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def search_trainable(config: dict[str, Any], op_sets: Mapping[str, Any],
-                     data: Mapping[str, Any] | None = None, stop_board: str | None = None) -> None:
+                     data: Mapping[str, Any] | None = None, stop_board: str | None = None,
+                     plugins: list[Mapping[str, Any]] | None = None) -> None:
     """One DARTS search. config: op_set (id), F, seed, base (SearchConfig fields); op_sets: id -> mapping,
-    data (see ``_data``) and the driver's stop board (``sweeps.stopping``), shared by the stage's trials."""
+    data (see ``_data``), the driver's stop board (``sweeps.stopping``) and the sweep's plugin records
+    (``nas.plugins``), shared by the stage's trials."""
     _set_threads()
+    import_shipped(plugins or [])
     config = flat_config(config)
     op_set = dict(op_sets[config["op_set"]])
     if config.get("F") is not None:
@@ -200,13 +204,14 @@ def search_trainable(config: dict[str, Any], op_sets: Mapping[str, Any],
 
 def eval_trial_config(config: dict[str, Any], genotypes: Mapping[str, Any]) -> tuple[EvalConfig, dict[str, Any]]:
     """The EvalConfig of an eval trial and its fixed report fields (genotype id, op set id, F, params, GMAC)."""
-    from sweeps.spec import DATASET_SHAPES, genotype_for_trial, op_set_id_for
+    from nas.data import dataset_shape
+    from sweeps.spec import genotype_for_trial, op_set_id_for
 
     entry = genotypes[config["genotype"]]
     genotype = genotype_for_trial(entry["genotype"], config.get("F"))
     cfg = EvalConfig(**{**config["base"], "genotype": genotype.to_dict(), "layers": int(config["layers"]),
                         "seed": int(config["seed"])})
-    in_ch, size, classes = DATASET_SHAPES[cfg.dataset]
+    in_ch, size, classes = dataset_shape(cfg.dataset)
     cost = complexity(genotype, cfg.layers, cfg.channels, classes, in_ch, size)
     fixed = {"stage": "eval", "genotype_id": genotype.id, "op_set": entry.get("op_set") or op_set_id_for(genotype),
              **({"cost_weight": entry["cost_weight"]} if entry.get("cost_weight") is not None else {}),
@@ -216,11 +221,13 @@ def eval_trial_config(config: dict[str, Any], genotypes: Mapping[str, Any]) -> t
 
 
 def eval_trainable(config: dict[str, Any], genotypes: Mapping[str, Any],
-                   data: Mapping[str, Any] | None = None, stop_board: str | None = None) -> None:
+                   data: Mapping[str, Any] | None = None, stop_board: str | None = None,
+                   plugins: list[Mapping[str, Any]] | None = None) -> None:
     """One evaluation training. config: genotype (id), layers, seed, F, base; genotypes: id -> entry
     (``{"genotype": ..., "op_set": ..., "source_trial": ...}``), data (see ``_data``) and the driver's stop
-    board, shared by the stage's trials."""
+    board and the sweep's plugin records, shared by the stage's trials."""
     _set_threads()
+    import_shipped(plugins or [])
     config = flat_config(config)
     cfg, fixed = eval_trial_config(config, genotypes)
     images = _data(data, cfg.dataset, cfg.data_dir)
