@@ -18,6 +18,7 @@ import resource
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,9 +28,10 @@ import torch.nn.functional as F
 
 from nas.data import ImageData, make_batch
 from nas.eval_network import EvalNetwork
-from nas.genotypes import PIBCONV
+from nas.genotypes import PIBCONV, load_genotype
+from nas.opsets import resolve_op_set
 from nas.graphs import GraphedStep
-from nas.opsets import OP_SETS
+
 from nas.reference import CIFAR_MEAN, CIFAR_STD, PlainArchitect, plain_loader, plain_network, reference_modules
 from nas.search_network import SearchNetwork
 from nas.train import autocast_factory, eval_step, keep_freed_memory, search_step
@@ -130,7 +132,7 @@ def _search_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: n
     batches 2i (weights) and 2i+1 (alpha), wrapping around."""
     torch.manual_seed(0)
     device = torch.device(args["device"])
-    op_set = OP_SETS["pibconv"]
+    op_set = resolve_op_set(args.get("op_set") or "pibconv")
     batch = args["batch"]
     fmt = torch.channels_last if fast and args["channels_last"] else torch.contiguous_format
     if fast:
@@ -188,7 +190,8 @@ def _eval_step(fast: bool, args: dict[str, Any], images: np.ndarray, labels: np.
     device = torch.device(args["device"])
     batch = args["batch"]
     fmt = torch.channels_last if fast and args["channels_last"] else torch.contiguous_format
-    model = EvalNetwork(PIBCONV, args["C"], args["layers"], 10, 3, auxiliary=True)
+    model = EvalNetwork(load_genotype(args.get("genotype") or PIBCONV), args["C"], args["layers"], 10, 3,
+                        auxiliary=True)
     model = (model if fast else reference_modules(model)).to(device).to(memory_format=fmt)
     model.drop_path_prob = 0.2
     model.train()
@@ -427,6 +430,10 @@ def contended_rounds(result: dict[str, Any], threads: int) -> list[str]:
 
 def _child(kind: str, fast: bool, args: dict[str, Any], queue: mp.Queue) -> None:
     torch.set_num_threads(args["threads"])
+    from nas.plugins import load_plugin
+
+    for ref in args.get("plugins") or []:  # a fresh process: its registries hold the built-ins only
+        load_plugin(ref, check=False)
     if fast and args["keep_memory"] and args["device"] == "cpu":
         keep_freed_memory()  # as run_search / run_eval do on CPU
     try:
@@ -528,7 +535,12 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             "channels_last": not ns.no_channels_last, "checkpoint_cells": ns.checkpoint_cells,
             "keep_memory": not ns.no_keep_memory,
             "amp": ns.device == "cuda" and not ns.no_amp, "threads": ns.threads or torch.get_num_threads(),
-            "cuda_graphs": ns.cuda_graphs}
+            "cuda_graphs": ns.cuda_graphs, "op_set": ns.op_set, "genotype": ns.genotype,
+            "plugins": [str(Path(p).resolve()) if p.endswith(".py") else p for p in ns.plugin]}
+    if ns.op_set:
+        resolve_op_set(ns.op_set)  # an unknown name: one line here, not an error in each child
+    if ns.genotype:
+        load_genotype(ns.genotype)
     if ns.repeats < 1:
         raise ConfigError(f"--repeats must be at least 1, got {ns.repeats}")
     if ns.count_ops:
@@ -597,6 +609,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phase", choices=("search", "eval"), default="eval",
                    help="pack: which trials share the device (search: C 16, 8 cells, batch 64 unless given)")
     p.add_argument("--order", type=int, choices=(1, 2), default=2)
+    p.add_argument("--op-set", help="search: the op set (a preset, a plugin's included; default pibconv)")
+    p.add_argument("--genotype", help="eval: the genotype (a built-in name or a JSON file; default PIBCONV)")
     p.add_argument("--C", type=_positive_int, help="channels (search 16, eval 36)")
     p.add_argument("--layers", type=_positive_int, help="cells (search 5, eval 10)")
     p.add_argument("--batch", type=_positive_int, help="batch size (search 16, eval 32)")

@@ -267,20 +267,23 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
         name = folder_spec({"image_folder": name, "size": args.size, "channels": args.channels,
                             "test_fraction": args.test_fraction, "seed": args.seed}, Path.cwd()).name
+    start = time.perf_counter()
     data = load_dataset(name, args.data_dir, download=False)
+    seconds = time.perf_counter() - start
     names = data.class_names or tuple(str(i) for i in range(data.num_classes))
     counts = {split: torch.bincount(getattr(data, f"{split}_y"), minlength=data.num_classes).tolist()
               for split in ("train", "test")}
     report = {"dataset": name, "source": DATASETS.get(name).source, "classes": list(names),
               "shape": [data.in_channels, data.image_size, data.image_size], "train_images": len(data.train_y),
               "test_images": len(data.test_y), "per_class": counts, "bytes": nbytes(data),
-              "mean": list(data.mean), "std": list(data.std)}
+              "mean": list(data.mean), "std": list(data.std), "load_s": round(seconds, 3)}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{name}  ({report['source']})")
     print(f"  {data.num_classes} classes, images {data.in_channels} x {data.image_size} x {data.image_size} uint8; "
-          f"{len(data.train_y)} training, {len(data.test_y)} test; {nbytes(data) / 2**20:.1f} MiB in memory")
+          f"{len(data.train_y)} training, {len(data.test_y)} test; {nbytes(data) / 2**20:.1f} MiB in memory; "
+          f"loaded in {seconds:.2f} s")
     for i, cls in enumerate(names):
         print(f"  {cls:<20} train {counts['train'][i]:>7}  test {counts['test'][i]:>7}")
     return 0

@@ -184,6 +184,8 @@ def load_image_folder(spec: FolderSpec, progress=None) -> Any:
     cache = _cache_dir() / f"{_key(spec, train_files + test_files)}.pt"
     if cache.is_file():
         arrays = torch.load(cache, weights_only=True)
+        if progress is not None:
+            progress(f"image folder {root}: read from the cache {cache}")
     else:
         if progress is not None:
             progress(f"image folder {root}: decoding {len(train_files) + len(test_files)} images once "

@@ -79,6 +79,16 @@ def test_example_plugin_registers_and_everything_downstream_uses_it(digits):
     assert net(torch.randn(2, 1, 8, 8))[0].shape == (2, 10)
     cost = complexity(g, 3, 8, 10, 1, 8)
     assert cost.gmac > 0 and cost.params_m == pytest.approx(sum(p.numel() for p in net.parameters()) / 1e6)
+    # cost-aware search's per-op table: the plugin's ops cost more than a pooling op, F raises them
+    from nas.cost import op_costs
+    from nas.search_network import SearchNetwork
+
+    tables = {}
+    for f in (2.0, 4.0):
+        model = SearchNetwork(resolve_op_set("mbconv_pib", f), 4, 3, 2, 10, 1)
+        tables[f] = op_costs(model, "gmac", (1, 8, 8))[0]
+    mb, pool = op_set.primitives.index("mbconv_se_5x5"), op_set.primitives.index("max_pool_3x3")
+    assert (tables[2.0][:, mb] > tables[2.0][:, pool]).all() and (tables[4.0][:, mb] > tables[2.0][:, mb]).all()
 
 
 def test_cli_plugin_option_reaches_complexity_lut_and_genotypes(tmp_path):
@@ -359,3 +369,21 @@ def test_data_check_and_the_object_store_bound(tmp_path, monkeypatch):
     monkeypatch.setattr("nas.image_folder._decode", lambda *a: pytest.fail("decoded before the bound was checked"))
     with pytest.raises(ConfigError, match="more than the .* GiB dartsweep ships .*set data_transfer: shared_path"):
         driver.load_sweep_data(spec)
+
+
+def test_stacked_search_cell_runs_plugin_ops(tmp_path):
+    """The CUDA path's stacked cell (run here on CPU tensors) computes what the per-edge cell does, whether a
+    plugin op joins a stacked family (a Sequential of known layers) or runs on its own (a module of its own)."""
+    from nas.opsets import OpSet
+    from nas.search_network import SearchNetwork
+
+    plugins_lib.load_plugin(str(EXAMPLE))
+    registry.register_op("seq_conv_3x3", lambda c, s, a, o: torch.nn.Sequential(
+        torch.nn.Conv2d(c, c, 3, s, 1, bias=False), torch.nn.BatchNorm2d(c, affine=a)))
+    op_set = OpSet(("none", "skip_connect", "seq_conv_3x3", "mbconv_se_3x3", "pib_conv_3x3", "max_pool_3x3"))
+    torch.manual_seed(0)
+    stacked = SearchNetwork(op_set, 4, 3, 2, 10, 3, stacked=True).double()
+    plain = SearchNetwork(op_set, 4, 3, 2, 10, 3, stacked=False).double()
+    plain.load_state_dict(stacked.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.allclose(stacked(x)[0], plain(x)[0], atol=1e-9)

@@ -4,6 +4,7 @@ time limit (USR1) both come back and finish every trial, none trained again from
 touched."""
 
 import datetime
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import yaml
 
 from analysis.frames import trial_history
 from tests.ray_helpers import epochs_of, sweep_file
+from tests.test_plugins_ray import HIDDEN_PLUGIN
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +36,8 @@ def slurm():
         if os.environ.get("DARTSWEEP_REQUIRE_SLURM"):  # CI (.ci/run): SLURM must be there
             pytest.fail(reason)
         pytest.skip(reason)
-    conf = subprocess.run(["bash", str(CLUSTER), "env"], capture_output=True, text=True).stdout.split("=", 1)[1]
-    yield {**os.environ, "SLURM_CONF": conf.strip()}
+    lines = subprocess.run(["bash", str(CLUSTER), "env"], capture_output=True, text=True).stdout.splitlines()
+    yield {**os.environ, **dict(line.removeprefix("export ").split("=", 1) for line in lines if "=" in line)}
 
 
 def scontrol_job(env: dict, job: str) -> dict[str, str]:
@@ -44,10 +46,15 @@ def scontrol_job(env: dict, job: str) -> dict[str, str]:
 
 
 def submit(tmp_path: Path, env: dict, name: str, checkpoint_every: int, nodes: int = 1,
-           job_env: dict | None = None) -> tuple[str, Path, Path]:
-    raw = sweep_file(tmp_path, name, search={"op_sets": ["pibconv"], "F": [2.0], "seeds": [0, 1], "epochs": 3},
+           job_env: dict | None = None, plugin: Path | None = None) -> tuple[str, Path, Path]:
+    """Submit a two-stage sweep (two search trials, two eval trials) as a job; with ``plugin``, the search's
+    op set is that plugin's ``hidden_conv_3x3`` (and none)."""
+    op_set = {"primitives": ["none", "hidden_conv_3x3"]} if plugin else "pibconv"  # every cell then uses it
+    raw = sweep_file(tmp_path, name, search={"op_sets": [op_set], "F": [2.0], "seeds": [0, 1], "epochs": 3},
                      evaluation={"genotypes": ["searched"], "layers": [1], "seeds": [0], "epochs": EPOCHS,
                                  "checkpoint_every": checkpoint_every})
+    if plugin:
+        raw["plugins"] = [str(plugin)]
     file = tmp_path / f"{name}.yaml"
     file.write_text(yaml.safe_dump(raw))
     log = tmp_path / "job.log"
@@ -140,9 +147,16 @@ def test_time_limit_warning_checkpoints_and_requeues(tmp_path, slurm):
     every running trial checkpoint, exits 138, and the job requeues itself and finishes from there. The job
     has two nodes: Ray's head on the first, a worker on the second through srun, each trial on one of them."""
     # no periodic checkpoints: what the second run continues from is the checkpoint the signal asked for.
-    # The two slurmd share this host: the worker's ports go 100 above the head's
+    # The two slurmd share this host: the worker's ports go 100 above the head's. The sweep's op is a plugin's,
+    # in a folder the second node cannot see (tests/slurm/cluster.sh): only Ray's runtime_env takes it there
+    folder = Path(slurm["DARTSWEEP_NODE1_ONLY"]) / tmp_path.name
+    folder.mkdir(parents=True, exist_ok=True)
+    imports = tmp_path / "imports.jsonl"
+    plugin = folder / "hidden_ops.py"
+    plugin.write_text(HIDDEN_PLUGIN.format(log=str(imports), path=str(plugin)))
     job, sweep, log = submit(tmp_path, slurm, "warned", checkpoint_every=1000, nodes=2,
-                             job_env={"DARTSWEEP_RAY_PORT": "31000", "DARTSWEEP_RAY_WORKER_PORT": "31100"})
+                             job_env={"DARTSWEEP_RAY_PORT": "31000", "DARTSWEEP_RAY_WORKER_PORT": "31100"},
+                             plugin=plugin)
     wait_for("two eval trials past epoch 5", lambda: len(eval_dirs(sweep)) == 2
              and all(len(epochs_of(d)) >= 5 for d in eval_dirs(sweep)), job, slurm, log)
     assert "on 2 node(s): dartsweep1 dartsweep2" in log.read_text()
@@ -156,6 +170,17 @@ def test_time_limit_warning_checkpoints_and_requeues(tmp_path, slurm):
     assert "got USR1" in text and "driver exited 138" in text, text[-4000:]
     assert "every running trial has checkpointed" in text
     check_finished(sweep, before, slurm, job, log)
+    # the plugin: imported on the node that cannot see its folder, where trials of both stages finished
+    blind = {line["node"] for line in map(json.loads, imports.read_text().splitlines()) if not line["sees_folder"]}
+    eval_nodes = {r["node_id"] for d in eval_dirs(sweep) for r in trial_history(d)}
+    search_nodes = {json.loads(p.read_text().splitlines()[-1])["node_id"]
+                    for p in sweep.glob("search/search_*/result.json")}
+    # one blind worker node per run of the job (Ray starts anew after the requeue); each ran eval trials, the
+    # first run's the search too
+    assert len(blind) == 2 and None not in blind and blind <= eval_nodes, (blind, eval_nodes)
+    assert len(blind & search_nodes) == 1, (blind, search_nodes)
+    for entry in map(json.loads, (p.read_text() for p in (sweep / "genotypes").glob("g-*.json"))):
+        assert entry["plugins"][0]["source"] == str(plugin)
 
 
 @pytest.mark.parametrize("env,message", [

@@ -10,10 +10,15 @@
 #
 # Everything lives under $DARTSWEEP_SLURM_DIR (default /tmp/dartsweep-slurm), on its own ports (16817-16820),
 # so it does not touch a machine's real SLURM configuration. Needs root, or passwordless sudo.
+#
+# The nodes share this host's file system but for one folder, $DIR/node1-only: every slurmd but the first
+# runs in a mount namespace of its own where an empty tmpfs covers it, so what a test puts there is on the
+# first node only, as on a cluster without a shared file system (the plugin test: Ray must ship it).
 set -euo pipefail
 
 DIR=${DARTSWEEP_SLURM_DIR:-/tmp/dartsweep-slurm}
 CONF=$DIR/slurm.conf
+NODE1_ONLY=$DIR/node1-only
 NODES=(dartsweep1 dartsweep2)  # slurmd -N each, on ports 16819 onwards
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
@@ -87,9 +92,21 @@ running() {  # the daemon whose pid file is $1 is alive (not a zombie: a contain
     [ -s "$1" ] && state=$(ps -o stat= -p "$(cat "$1")" 2>/dev/null) && [[ -n "$state" && "$state" != Z* ]]
 }
 
-all_running() {
+all_running() {  # and every node but the first blind to $NODE1_ONLY (a cluster started before it was not)
     running "$DIR/slurmctld.pid" || return 1
     for node in "${NODES[@]}"; do running "$DIR/slurmd-$node.pid" || return 1; done
+    for node in "${NODES[@]:1}"; do
+        $SUDO nsenter -t "$(cat "$DIR/slurmd-$node.pid")" -m test ! -e "$NODE1_ONLY/.marker" || return 1
+    done
+}
+
+start_slurmd() {  # $1: the node's index; every node but the first cannot see $NODE1_ONLY
+    if [ "$1" = 0 ]; then
+        $SUDO slurmd -f "$CONF" -N "${NODES[$1]}"
+    else
+        $SUDO unshare -m --propagation private sh -c 'mount -t tmpfs -o mode=0755 tmpfs "$1" && exec slurmd -f "$2" -N "$3"' \
+            sh "$NODE1_ONLY" "$CONF" "${NODES[$1]}"
+    fi
 }
 
 stop_daemons() {  # slurmd.pid: the one-node layout of earlier versions
@@ -110,8 +127,10 @@ start)
     if ! all_running; then
         stop_daemons  # what is left of an earlier cluster (or an older layout) restarts with this config
         write_config
+        $SUDO mkdir -p "$NODE1_ONLY"
+        $SUDO touch "$NODE1_ONLY/.marker"
         $SUDO slurmctld -f "$CONF"
-        for node in "${NODES[@]}"; do $SUDO slurmd -f "$CONF" -N "$node"; done
+        for i in "${!NODES[@]}"; do start_slurmd "$i"; done
     fi
     for _ in $(seq 1 60); do  # the nodes come up idle within seconds
         if [ "$(SLURM_CONF=$CONF sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)')" = "${#NODES[@]}" ]; then
@@ -129,6 +148,7 @@ stop)
     ;;
 env)
     echo "export SLURM_CONF=$CONF"
+    echo "export DARTSWEEP_NODE1_ONLY=$NODE1_ONLY"
     ;;
 *)
     echo "usage: $0 install|start|stop|env" >&2
