@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -312,20 +312,8 @@ with registering(BUILTIN):
     _register_builtins()
 
 
-class _Primitives(Mapping[str, OpConstructor]):
-    """Read-only view of the op registry: name -> constructor (built-ins and loaded plugins)."""
-
-    def __getitem__(self, name: str) -> OpConstructor:
-        return OPS.get(name).factory
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(OPS.names())
-
-    def __len__(self) -> int:
-        return len(OPS.names())
-
-
-PRIMITIVES: Mapping[str, OpConstructor] = _Primitives()
+# name -> constructor, built-ins and loaded plugins alike (a view of the registry)
+PRIMITIVES: Mapping[str, OpConstructor] = OPS.view(lambda entry: entry.factory)
 
 
 def is_pooling(name: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from nas.errors import ConfigError
 from nas.ops import FIRST_RELEASE_OPTIONS, STEMS, OpOptions, check_primitive, is_pooling, uses_bottleneck_ratio
@@ -170,22 +170,8 @@ with registering(BUILTIN):
 FIRST_RELEASE_PRESETS = ("darts", "darts_gelu", "darts_gelu_ln", "convnext", "pibconv")
 
 
-class _Presets(Mapping[str, OpSet]):
-    """Read-only view of the op-set preset registry: name -> OpSet (built-ins and loaded plugins)."""
-
-    def __getitem__(self, name: str) -> OpSet:
-        if name not in OP_SET_PRESETS:
-            raise KeyError(name)
-        return OP_SET_PRESETS.get(name).build()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(OP_SET_PRESETS.names())
-
-    def __len__(self) -> int:
-        return len(OP_SET_PRESETS.names())
-
-
-OP_SETS: Mapping[str, OpSet] = _Presets()
+# name -> OpSet, built-ins and loaded plugins alike (a view of the registry)
+OP_SETS: Mapping[str, OpSet] = OP_SET_PRESETS.view(lambda entry: entry.build())
 
 
 def first_release_preset(name: str) -> OpSet:

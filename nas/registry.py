@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from nas.errors import ConfigError
@@ -131,6 +132,28 @@ class Registry(Generic[T]):
 
     def from_source(self, source: str) -> list[str]:
         return [n for n, e in self._entries.items() if e.source == source]  # type: ignore[attr-defined]
+
+    def view(self, value: Callable[[T], Any]) -> "RegistryView":
+        """A read-only mapping name -> ``value(entry)`` over this registry, as it is at each lookup."""
+        return RegistryView(self, value)
+
+
+class RegistryView(Mapping):
+    """See :meth:`Registry.view` (``nas.ops.PRIMITIVES``, ``nas.opsets.OP_SETS``)."""
+
+    def __init__(self, registry: Registry, value: Callable[[Any], Any]) -> None:
+        self._registry, self._value = registry, value
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._registry:
+            raise KeyError(name)
+        return self._value(self._registry.get(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._registry.names())
+
+    def __len__(self) -> int:
+        return len(self._registry.names())
 
 
 OPS: Registry[OpEntry] = Registry("primitive")

@@ -477,6 +477,10 @@ def _check_resume(resume: dict[str, Any], phase: str, config: dict[str, Any]) ->
     if resume.get("phase") != phase:
         raise ConfigError(f"checkpoint is from the {resume.get('phase')!r} phase, not {phase!r}")
     saved = dict(resume.get("config", {}))
+    op_set = saved.get("op_set")
+    if isinstance(op_set, dict) and op_set.get("stem") == "patchify" and "stem.0.bias" in resume.get("model", {}):
+        # the third release called its biased patchify stem "patchify": the weights say which one it was
+        saved["op_set"] = {**op_set, "stem": "patchify_bias"}
     # a field added since the checkpoint was written (cost_weight, latency, ...) has its default there
     defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig if phase == "search" else EvalConfig)}
     changed = sorted(k for k in config if k not in ("data_dir", "cuda_graphs")  # where, and how fast: not what

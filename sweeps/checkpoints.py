@@ -20,6 +20,7 @@ never name a checkpoint that is gone.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -114,6 +115,21 @@ class TrialStore:
     def read(self, epoch: int, name: str) -> bytes:
         return self._read(epoch_folder(epoch), name)
 
+    def read_newest(self, names: tuple[str, ...], attempts: int = 10) -> tuple[int, dict[str, bytes]] | None:
+        """(epoch, files) of the newest complete checkpoint, None when there is none. Another attempt of
+        this trial (an orphaned worker still training) may prune or replace that folder between the listing
+        and the reading: then the listing is taken again."""
+        for attempt in range(attempts):
+            epoch = self.newest()
+            if epoch is None:
+                return None
+            try:
+                return epoch, {name: self.read(epoch, name) for name in names}
+            except (FileNotFoundError, NotADirectoryError):
+                if attempt == attempts - 1:
+                    raise
+        return None
+
     # ------------------------------------------------------------------------------------------ writing
     def save(self, epoch: int, files: Mapping[str, bytes], keep: int = KEEP) -> str:
         """Write a complete checkpoint of ``epoch`` (a new one replaces one of the same epoch left by an
@@ -138,11 +154,26 @@ class TrialStore:
                     fh.flush()
                     os.fsync(fh.fileno())
             final = os.path.join(self.root, name)
-            if os.path.exists(final):  # an earlier attempt's checkpoint of this epoch: set it aside first
-                old = os.path.join(self.root, f".{name}.{secrets.token_hex(4)}.old")
-                os.rename(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.rename(tmp, final)
+            # Another attempt of this trial (the orphaned worker of a killed driver) may write the same epoch
+            # at the same moment: each step below tolerates the other's, and if its copy lands in between
+            # every time, that complete checkpoint of this epoch stands and this one is dropped.
+            for _ in range(10):
+                if os.path.exists(final):  # an earlier attempt's checkpoint of this epoch: set it aside first
+                    old = os.path.join(self.root, f".{name}.{secrets.token_hex(4)}.old")
+                    try:
+                        os.rename(final, old)
+                    except FileNotFoundError:  # the other attempt set it aside first
+                        pass
+                    else:
+                        shutil.rmtree(old, ignore_errors=True)
+                try:
+                    os.rename(tmp, final)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
             _fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

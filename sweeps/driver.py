@@ -553,7 +553,8 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         sweep.write_json({"stages": {}}, STATE_FILE)
         return _continue(spec, sweep, address, _run(verbose, stop, progress_every), data, lock)
     finally:
-        lock.release()
+        with finishing(stop):
+            lock.release()
 
 
 def sweep_location(spec: SweepSpec, storage: str | None = None) -> tuple[SweepDir, SweepDir]:
@@ -592,7 +593,8 @@ def resume_sweep(location: str | Path, address: str | None = None, verbose: int 
         return _continue(spec, sweep, address, _run(verbose, stop, progress_every),
                          load_sweep_data(spec) if pending else None, lock)
     finally:
-        lock.release()
+        with finishing(stop):
+            lock.release()
 
 
 def record_plugin_change(sweep: SweepDir, spec: SweepSpec) -> None:
@@ -682,9 +684,16 @@ def extend_sweep(location: str | Path, file: str | Path, address: str | None = N
         data = load_sweep_data(union)
         apply_extension(sweep, old, union)
         record_plugin_change(sweep, union)
-        return _continue(sweep.load_spec("accept" if accept_plugin_change else "import"), sweep, address, _run(verbose, stop, progress_every), data, lock)
+        return _continue(sweep.load_spec("accept" if accept_plugin_change else "import"), sweep, address,
+                         _run(verbose, stop, progress_every), data, lock)
     finally:
-        lock.release()
+        with finishing(stop):
+            lock.release()
+
+
+def finishing(stop: Any) -> Any:
+    """``stop.finishing()`` (``sweeps.stopping.GracefulStop``): cleanup that a signal cannot interrupt."""
+    return stop.finishing() if stop is not None else contextlib.nullcontext()
 
 
 def acquire_lock(sweep: SweepDir, force: bool = False):
@@ -752,14 +761,17 @@ def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, run: Run,
             run.board = start_board(run.board_name)
             _run_stages(spec, sweep, run, data)
         finally:
-            if run.board is not None:
-                import ray
+            with finishing(run.stop):  # a signal now must not cut the cleanup short
+                if run.board is not None:
+                    import ray
 
-                with contextlib.suppress(Exception):
-                    ray.kill(run.board)
-                run.board = None
-            if started:
-                _ray_stop()
+                    with contextlib.suppress(Exception):
+                        ray.kill(run.board)
+                    run.board = None
+                if started:
+                    _ray_stop()
+                    if run.stop is not None:
+                        run.stop.install()  # Ray's shutdown left SIGTERM at its default action (see finishing)
         loc = sweep.location
         _print(f"results in {loc}  (dartsweep sweep status {loc}; dartsweep analyze {loc})")
     return loc

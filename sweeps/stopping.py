@@ -141,6 +141,7 @@ class GracefulStop:
         self._draining = False
         self._sigint_fallback = False  # a Ray without the hook used here: end the run by SIGINT, as Ctrl-C
         self._previous: dict[int, Any] = {}
+        self._finishing = 0  # inside finishing(): signals are noted, never raised
 
     # ------------------------------------------------------------------------------------- handlers
     def install(self) -> None:
@@ -174,8 +175,26 @@ class GracefulStop:
         if self.signum is not None:
             raise SweepSignalled(self.signum)
 
+    @contextlib.contextmanager
+    def finishing(self) -> Iterator[None]:
+        """Around the driver's cleanup (stopping Ray, releasing the lock): a signal that comes meanwhile is
+        noted (for the exit code) but interrupts nothing, so the cleanup always completes. The handlers are
+        set again on the way in: ``ray.shutdown()`` leaves SIGTERM at its default action in the C runtime
+        (Python still reports its own handler), and a SIGTERM then would kill the driver mid-cleanup."""
+        self.install()
+        self._finishing += 1
+        try:
+            yield
+        finally:
+            self._finishing -= 1
+
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        if self._finishing:
+            if self.signum is None:
+                self.signum, self._first_at = signum, time.monotonic()
+            self.say(f"{name}: finishing the cleanup first (stopping Ray, releasing the sweep's lock)")
+            return
         if self.signum is not None and time.monotonic() - self._first_at < REPEAT_S:
             return  # the same stop, delivered twice (SLURM signals every process; a job script forwards it)
         if self.signum is not None:  # a second signal: stop waiting

@@ -72,19 +72,25 @@ def _set_threads() -> None:
 
 
 def _trial_store() -> TrialStore | None:
-    """This trial's folder on the sweep's storage (where it keeps its own checkpoints); None outside Tune."""
-    try:
+    """This trial's folder on the sweep's storage (where it keeps its own checkpoints); None outside Tune,
+    which is what Ray's context answers there. Inside a trial any failure is an error: a trial that could
+    not checkpoint would restart from scratch after every kill."""
+    import warnings
+
+    with warnings.catch_warnings():  # outside Tune, Ray warns "meant to only be called inside..." and says None
+        warnings.simplefilter("ignore")
         storage = tune.get_context().get_storage()
-        return TrialStore.at(storage.trial_fs_path, storage.storage_filesystem) if storage is not None else None
-    except Exception:  # noqa: BLE001 - outside a Tune trial
+    if storage is None:
         return None
+    return TrialStore.at(storage.trial_fs_path, storage.storage_filesystem)
 
 
 def _trial_id() -> str:
-    try:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return tune.get_context().get_trial_id() or ""
-    except Exception:  # noqa: BLE001 - outside a Tune trial
-        return ""
 
 
 def _restore(store: TrialStore | None) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -92,10 +98,10 @@ def _restore(store: TrialStore | None) -> tuple[dict[str, Any] | None, list[dict
     (``sweeps.checkpoints``), or of the Ray Tune checkpoint a sweep written before this release restores
     it from, whichever is newer; (None, []) on a fresh start."""
     found: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
-    epoch = store.newest() if store is not None else None
-    if epoch is not None:
-        state = load_checkpoint(io.BytesIO(store.read(epoch, STATE_FILE)))
-        found.append((state, json.loads(store.read(epoch, HISTORY_FILE))))
+    newest = store.read_newest((STATE_FILE, HISTORY_FILE)) if store is not None else None
+    if newest is not None:
+        _, files = newest
+        found.append((load_checkpoint(io.BytesIO(files[STATE_FILE])), json.loads(files[HISTORY_FILE])))
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:

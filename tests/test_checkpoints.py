@@ -86,7 +86,7 @@ def test_slurm_requeue_frees_the_lock_of_the_previous_run(monkeypatch):
 
 
 def test_progress_in_a_log_file_only_on_trials_ending_or_every_interval(tmp_path, capsys):
-    from sweeps.console import ProgressView
+    from sweeps.console import ProgressView, progress_line
 
     stage = tmp_path / "eval"
     trial = stage / "eval_x_00000"
@@ -97,10 +97,79 @@ def test_progress_in_a_log_file_only_on_trials_ending_or_every_interval(tmp_path
         assert capsys.readouterr().err == ""
         with open(trial / "result.json", "a") as fh:  # a half-written line is read as not there yet
             fh.write('{"epoch": 2, "test_acc": 6')
+        # the newest whole line counts: epoch 1 running at 50 % (a parser that gave up on the cut line
+        # would say waiting, with no best value)
+        line = progress_line(stage, "eval", 1, 3, "test_acc", elapsed=10)
+        assert line.startswith("eval: 0/1 finished, 1 running, 0 errored; best test_acc 50.00"), line
         time.sleep(2.3)
         assert capsys.readouterr().err == ""
         with open(trial / "result.json", "a") as fh:
             fh.write('0.0}\n' + json.dumps({"epoch": 3, "test_acc": 70.0}) + "\n")
-        time.sleep(2.5)  # the trial finished: a line at once
-        assert "1/1 finished" in capsys.readouterr().err
-    assert os.path.exists(trial / "result.json")
+        time.sleep(2.5)  # the trial finished: a line at once, well before the 60 s interval
+        assert "eval: 1/1 finished, 0 running, 0 errored; best test_acc 70.00" in capsys.readouterr().err
+
+
+def _write_epochs(path: str, epochs: int, queue) -> None:
+    """One attempt of a trial: a checkpoint per epoch (an orphaned worker and its replacement run the same
+    trial, each writing and pruning the same folder)."""
+    try:
+        store = TrialStore.at(path)
+        for epoch in range(1, epochs + 1):
+            store.save(epoch, files(epoch))
+        queue.put(("ok", None))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def _read_newest(path: str, until: float, queue) -> None:
+    try:
+        store, reads = TrialStore.at(path), 0
+        while time.time() < until:
+            newest = store.read_newest(("state.pt", "history.json"))
+            if newest is not None:
+                epoch, read = newest
+                assert read == files(epoch), epoch  # whole, and the files of the epoch it names
+                reads += 1
+        queue.put(("ok", reads))
+    except BaseException as exc:  # noqa: BLE001
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def test_two_attempts_of_one_trial_write_and_prune_at_once(tmp_path):
+    """Two writers of the same epochs into one trial folder, and a reader restoring from it meanwhile: no
+    rename hits a folder the other moved, no read hits one the other pruned; the newest stays complete."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    epochs = 150
+    procs = [ctx.Process(target=_write_epochs, args=(str(tmp_path), epochs, queue)) for _ in range(2)]
+    procs.append(ctx.Process(target=_read_newest, args=(str(tmp_path), time.time() + 4, queue)))
+    for p in procs:
+        p.start()
+    outcomes = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert [o for o in outcomes if o[0] == "error"] == []
+    assert max(o[1] or 0 for o in outcomes) > 10  # the reader did read while the writers wrote
+    store = TrialStore.at(tmp_path)
+    assert store.newest() == epochs and store.read(epochs, "state.pt") == files(epochs)["state.pt"]
+    assert store.complete()[-1] == epochs and len(store.complete()) <= 3
+
+
+def test_a_trial_that_cannot_reach_its_storage_fails_rather_than_checkpointing_nothing(monkeypatch):
+    """Outside Tune, Ray's context says there is no storage: no trial store. Inside, an error from Ray's
+    context API (a changed Ray, storage unreachable) is the trial's error, never a silent "no checkpoints"."""
+    from ray import tune
+
+    from sweeps import trainables
+
+    assert trainables._trial_store() is None and trainables._trial_id() == ""
+
+    class Broken:
+        def get_storage(self):
+            raise RuntimeError("storage context unavailable")
+
+    monkeypatch.setattr(tune, "get_context", lambda: Broken())
+    with pytest.raises(RuntimeError, match="storage context unavailable"):
+        trainables._trial_store()

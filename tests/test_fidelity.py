@@ -19,6 +19,7 @@ from nas.opsets import OP_SETS, PIBCONV_RELEASED_OPS, OpSet, first_release_op_se
 from nas.search_network import SearchNetwork
 
 FIXTURE = Path(__file__).parent / "data" / "first_release_sweep"
+DATA = Path(__file__).parent / "data"
 
 
 def activations(module: nn.Module) -> list[str]:
@@ -231,8 +232,31 @@ def test_third_release_sweeps_keep_their_biased_patchify_stem(tmp_path):
     assert old.raw["format"] == 2 and new.raw["format"] == 3
     biased = SearchNetwork(old_set, 4, 3, 2).stem[0]
     assert biased.bias is not None and biased.bias.shape == (12,)  # 3 x C stem channels
-    # a checkpoint of the biased network loads into the network the old sweep's trials now build
-    net = SearchNetwork(old_set, 4, 3, 2)
-    net.load_state_dict(SearchNetwork(old_set, 4, 3, 2).state_dict())
-    with pytest.raises(RuntimeError):
-        SearchNetwork(new_set, 4, 3, 2).load_state_dict(net.state_dict())
+
+
+def test_a_third_release_checkpoint_resumes_as_the_network_it_trained(digits):
+    """A real trial checkpoint written by the third release (bc58249: tests/data/README.md), epoch 2 of 3 of
+    a pibconv_released search on digits, resumed with today's code from its frozen sweep file: the network
+    the old sweep's trials build now takes its weights and optimiser states and trains epoch 3; today's
+    bias-free stem would not."""
+    from nas.config import SearchConfig
+    from nas.io import load_checkpoint
+    from nas.train import run_search
+    from sweeps.spec import parse_sweep
+
+    spec = parse_sweep(yaml.safe_load((DATA / "third_release_sweep.yaml").read_text()))
+    assert spec.raw["format"] == 2
+    mapping = spec.search.axes["op_sets"]["pibconv_released"]
+    state = load_checkpoint(DATA / "third_release_checkpoint" / "state.pt")
+    assert state["epoch"] == 2 and "stem.0.bias" in state["model"]
+    cfg = SearchConfig(**{**spec.search.base, "op_set": mapping, "seed": 0})
+    assert cfg.resolved_op_set().id == "pibconv_released-patchify_bias"
+    result = run_search(cfg, data=digits, device="cpu", resume=state)
+    assert [m["epoch"] for m in result.history] == [1, 2, 3]
+    assert result.history[:2] == state["history"]  # the third release's epochs, kept as they were
+    assert json.loads((DATA / "third_release_checkpoint" / "history.json").read_text())[-1]["epoch"] == 2
+    today = parse_sweep({**yaml.safe_load((DATA / "third_release_sweep.yaml").read_text()), "format": 3})
+    fresh = SearchConfig(**{**today.search.base, "op_set": today.search.axes["op_sets"]["pibconv_released"],
+                            "seed": 0})
+    with pytest.raises(RuntimeError, match="stem.0.bias"):
+        SearchNetwork(fresh.resolved_op_set(), 4, 3, 2, 10, 1).load_state_dict(state["model"])

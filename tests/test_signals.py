@@ -42,14 +42,18 @@ def test_signal_checkpoints_every_trial_and_up_continues(tmp_path, signum=signal
     with open(tmp_path / "first.log", "w") as log:
         driver = subprocess.Popen(up, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            deadline = time.time() + 120
+            deadline = time.time() + 240
             while time.time() < deadline and driver.poll() is None:
                 dirs = trial_dirs(sweep)
                 if len(dirs) == 2 and all(len(epochs_of(d)) >= 5 for d in dirs):
                     break
                 time.sleep(0.2)
             assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            # the precondition: both trials running past epoch 5, with no checkpoint yet (none is periodic)
             reached = {d: epochs_of(d)[-1] for d in trial_dirs(sweep)}
+            assert len(reached) == 2 and all(5 <= e < EPOCHS for e in reached.values()), reached
+            periodic = {d: TrialStore.at(d).newest() for d in reached}
+            assert periodic == {d: None for d in reached}, periodic
             driver.send_signal(signum)
             driver.wait(120)
         finally:
@@ -64,7 +68,8 @@ def test_signal_checkpoints_every_trial_and_up_continues(tmp_path, signum=signal
     saved = {}
     for d, epoch in reached.items():
         newest = TrialStore.at(d).newest()
-        assert newest is not None and epoch <= newest < EPOCHS, (d.name, epoch, newest)  # the signal's checkpoint
+        # the signal's checkpoint: there was none before it, and it holds at least the epoch reached then
+        assert newest is not None and periodic[d] is None and epoch <= newest < EPOCHS, (d.name, epoch, newest)
         saved[d] = newest
 
     again = subprocess.run(up, capture_output=True, text=True, env=env, timeout=300)
@@ -119,3 +124,44 @@ def test_bad_signal_settings_are_one_line(tmp_path, args, message):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and message in run.stderr
     assert not (tmp_path / "quickstart").exists()
+
+
+def test_signals_during_cleanup_still_stop_ray_and_release_the_lock(tmp_path, monkeypatch):
+    """SIGTERM twice while the driver stops Ray, once more while it releases the lock (a job's signals can
+    come at any moment): the cleanup completes, Ray is stopped and the lock released. (The last one also
+    checks that Ray's shutdown, which leaves SIGTERM at its default action, did not leave the driver to die.)"""
+    import ray
+
+    from sweeps import driver, lock as lock_module, stopping
+    from sweeps.spec import parse_sweep
+
+    spec = parse_sweep(sweep_file(tmp_path, "cleanup", evaluation={"genotypes": ["DARTS_V2"], "layers": [1],
+                                                                   "seeds": [0], "epochs": 1}))
+    monkeypatch.setattr(stopping, "REPEAT_S", 0.0)  # each signal a new one: the second would end the run now
+    real_ray_stop, real_release = driver._ray_stop, lock_module.SweepLock.release
+    sent = []
+
+    def signal_me() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # delivered here, in the middle of the cleanup
+        sent.append(signal.SIGTERM)
+
+    def ray_stop_under_signals() -> None:
+        signal_me()
+        signal_me()
+        real_ray_stop()
+
+    def release_under_a_signal(self) -> None:
+        signal_me()
+        real_release(self)
+
+    monkeypatch.setattr(driver, "_ray_stop", ray_stop_under_signals)
+    monkeypatch.setattr(lock_module.SweepLock, "release", release_under_a_signal)
+    said = []
+    stop = stopping.GracefulStop(say=said.append)
+    with stop.installed():
+        location = driver.run_sweep(spec, storage=str(tmp_path), stop=stop, verbose=0)
+    assert len(sent) == 3 and stop.signum == signal.SIGTERM
+    assert not ray.is_initialized()
+    assert not (Path(location) / "driver.lock").exists()
+    assert sum("finishing the cleanup first" in s for s in said) == 3, said

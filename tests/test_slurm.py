@@ -26,10 +26,14 @@ EPOCHS = 60
 DARTSWEEP = str(Path(shutil.which("dartsweep", path=str(Path(os.sys.executable).parent)) or ""))
 
 
+SUBMITTED: list[str] = []  # every job the tests submitted, for the teardowns to cancel
+
+
 @pytest.fixture(scope="module")
 def slurm():
-    """SLURM_CONF of the localhost cluster, started here when it is not running; skips without SLURM (not
-    installed, and no root to install it)."""
+    """SLURM_CONF of the localhost cluster, started here when it is not running (and stopped again after
+    the module: nothing the tests started stays up as root); skips without SLURM (not installed, and no
+    root to install it)."""
     start = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=600)
     if start.returncode != 0:
         reason = f"no local SLURM: {start.stderr.strip().splitlines()[-1:]}"
@@ -37,7 +41,22 @@ def slurm():
             pytest.fail(reason)
         pytest.skip(reason)
     lines = subprocess.run(["bash", str(CLUSTER), "env"], capture_output=True, text=True).stdout.splitlines()
-    yield {**os.environ, **dict(line.removeprefix("export ").split("=", 1) for line in lines if "=" in line)}
+    env = {**os.environ, **dict(line.removeprefix("export ").split("=", 1) for line in lines if "=" in line)}
+    yield env
+    if SUBMITTED:
+        subprocess.run(["scancel", *SUBMITTED], env=env, capture_output=True, timeout=60)
+    if "(started here)" in start.stderr:
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def cancel_jobs_left_running(request):
+    """A test that fails mid-way leaves no job of its own running into the next one."""
+    before = len(SUBMITTED)
+    yield
+    new = SUBMITTED[before:]
+    if new and "slurm" in request.fixturenames:
+        subprocess.run(["scancel", *new], env=request.getfixturevalue("slurm"), capture_output=True, timeout=60)
 
 
 def scontrol_job(env: dict, job: str) -> dict[str, str]:
@@ -57,16 +76,23 @@ def submit(tmp_path: Path, env: dict, name: str, checkpoint_every: int, nodes: i
         raw["plugins"] = [str(plugin)]
     file = tmp_path / f"{name}.yaml"
     file.write_text(yaml.safe_dump(raw))
-    log = tmp_path / "job.log"
-    job_env = {**env, "DARTSWEEP_SWEEP": str(file), "DARTSWEEP_STORAGE": str(tmp_path),
-               "DARTSWEEP": DARTSWEEP,
-               "DARTSWEEP_ARGS": "--progress-every 5", **(job_env or {})}
+    job, log = sbatch(tmp_path, env, {"DARTSWEEP_SWEEP": str(file), **(job_env or {})}, nodes)
+    return job, tmp_path / name, log
+
+
+def sbatch(tmp_path: Path, env: dict, job_env: dict, nodes: int = 1, log_name: str = "job.log") -> tuple[str, Path]:
+    """Submit the job script with ``job_env`` over the defaults (this venv's dartsweep, storage tmp_path)."""
+    log = tmp_path / log_name
+    job_env = {**env, "DARTSWEEP_STORAGE": str(tmp_path), "DARTSWEEP": DARTSWEEP,
+               "DARTSWEEP_ARGS": "--progress-every 5", **job_env}
     # two CPUs on one node; one a node on two, so that the two trials of a stage run one on each node
     out = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--nodes={nodes}",
                           f"--cpus-per-task={2 // nodes}", str(JOB)],
                          capture_output=True, text=True, env=job_env, cwd=tmp_path, timeout=60)
     assert out.returncode == 0, out.stderr
-    return out.stdout.strip().split(";")[0], tmp_path / name, log
+    job = out.stdout.strip().split(";")[0]
+    SUBMITTED.append(job)
+    return job, log
 
 
 def wait_for(what, predicate, job: str, env: dict, log: Path, timeout: float = 240) -> None:
@@ -135,6 +161,10 @@ def test_preempted_job_requeues_and_finishes(tmp_path, slurm):
     job, sweep, log = submit(tmp_path, slurm, "preempted", checkpoint_every=2)
     wait_for("two eval trials past epoch 5", lambda: len(eval_dirs(sweep)) == 2
              and all(len(epochs_of(d)) >= 5 for d in eval_dirs(sweep)), job, slurm, log)
+    # the default ports (no DARTSWEEP_RAY_PORT here): all 100 below this machine's ephemeral range
+    port = int(log.read_text().split("Ray head ")[1].split(",")[0].rsplit(":", 1)[1])
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert port + 99 < low or port > high, (port, low, high)
     before = finished_files(sweep)
     assert len(before) >= 4  # two search trials' results, their genotypes
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)
@@ -181,6 +211,85 @@ def test_time_limit_warning_checkpoints_and_requeues(tmp_path, slurm):
     assert len(blind & search_nodes) == 1, (blind, search_nodes)
     for entry in map(json.loads, (p.read_text() for p in (sweep / "genotypes").glob("g-*.json"))):
         assert entry["plugins"][0]["source"] == str(plugin)
+
+
+FAKE_DRIVER = """#!/bin/bash
+# stands in for dartsweep: says it runs, then exits 0 the moment USR1 comes (as a driver whose last trial
+# finished just then would), so the job script's `wait` is interrupted by its trap after the driver ended
+trap 'kill $sleeper 2>/dev/null; echo "fake driver: USR1, exiting 0" >&2; exit 0' USR1
+echo "fake driver running (restart ${SLURM_RESTART_COUNT:-0}); args: $*" >&2
+sleep 1000 & sleeper=$!
+wait $sleeper
+"""
+
+
+def test_job_script_signals_before_and_after_the_driver_starts(tmp_path, slurm):
+    """USR1 while Ray starts (no driver yet): the job exits 138 and requeues itself rather than dying. USR1
+    to a driver that then exits 0: the job ends with the driver's own status, 0, not requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "dartsweep"
+    fake.write_text(FAKE_DRIVER)
+    fake.chmod(0o755)
+    (bin_dir / "ray").symlink_to(Path(DARTSWEEP).parent / "ray")
+    (tmp_path / "xfile").write_text("")  # DARTSWEEP_ARGS' x* must reach the driver as it is, not globbed
+    job, log = sbatch(tmp_path, slurm, {"DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": str(fake),
+                                        "DARTSWEEP_RAY_PORT": "29000", "DARTSWEEP_ARGS": "--grace 9  x*"})
+    wait_for("the job to start Ray", lambda: log.exists() and "(restart 0) on 1 node(s)" in log.read_text(),
+             job, slurm, log, timeout=60)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    wait_for("the second run's driver", lambda: "fake driver running (restart 1)" in log.read_text(), job, slurm,
+             log, timeout=120)
+    text = log.read_text()
+    assert "got USR1 before the driver started" in text and "exiting 138 before the driver ran" in text, text
+    assert "fake driver running (restart 0)" not in text  # the signal came first: no driver ran in run 1
+    assert "args: sweep up quickstart --address=" in text and text.split("args: ")[1].split("\n")[0].endswith(
+        "--grace 9 x*"), text
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    wait_for("the job to end", lambda: ended(slurm, job), job, slurm, log, timeout=60)
+    text = log.read_text()
+    state = scontrol_job(slurm, job)
+    assert "fake driver: USR1, exiting 0" in text and "driver exited 0" in text, text[-3000:]
+    assert state.get("JobState") == "COMPLETED" and state.get("ExitCode") == "0:0", state
+    assert state.get("Restarts") == "1" and text.count("requeueing job") == 1, state
+
+
+def test_lock_of_a_killed_driver_is_taken_over_because_slurm_says_its_job_ended(tmp_path, slurm):
+    """Job A's driver is SIGKILLed (its lock stays, naming job A) and job A ends; job B, a new submission
+    of the same sweep, takes the lock because `scontrol show job A` says A no longer runs. The lock is made
+    to look like another host's, with a fresh heartbeat, so neither the dead pid nor a stale heartbeat
+    could be why."""
+    raw = sweep_file(tmp_path, "locked", evaluation={"genotypes": ["DARTS_V2"], "layers": [1], "seeds": [0],
+                                                     "epochs": 8})
+    file = tmp_path / "locked.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    lock = tmp_path / "locked" / "driver.lock"
+    job_a, log_a = sbatch(tmp_path, slurm, {"DARTSWEEP_SWEEP": str(file), "DARTSWEEP_RAY_PORT": "29100"},
+                          log_name="a.log")
+    def holder_of(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # not there yet, or being written
+            return {}
+
+    wait_for("job A's driver to hold the lock", lambda: holder_of(lock).get("slurm_job_id") == job_a, job_a, slurm,
+             log_a, timeout=120)
+    holder = json.loads(lock.read_text())
+    os.kill(holder["pid"], 9)
+    wait_for("job A to end", lambda: ended(slurm, job_a), job_a, slurm, log_a, timeout=120)
+    assert scontrol_job(slurm, job_a).get("JobState") == "FAILED" and lock.exists()
+    holder = json.loads(lock.read_text())
+    holder.update(host="a-node-elsewhere", heartbeat=time.time())
+    lock.write_text(json.dumps(holder))
+    job_b, log_b = sbatch(tmp_path, slurm, {"DARTSWEEP_SWEEP": str(file), "DARTSWEEP_RAY_PORT": "29200"},
+                          log_name="b.log")
+    wait_for("job B to end", lambda: ended(slurm, job_b), job_b, slurm, log_b, timeout=240)
+    text = log_b.read_text()
+    assert f"taking over the lock of a driver that is gone (pid {holder['pid']} on a-node-elsewhere, SLURM job " \
+           f"{job_a}" in text, text[-3000:]
+    assert scontrol_job(slurm, job_b).get("ExitCode") == "0:0", text[-3000:]
+    assert not lock.exists() and [r["epoch"] for r in trial_history(eval_dirs(tmp_path / "locked")[0])] == \
+        list(range(1, 9))
 
 
 @pytest.mark.parametrize("env,message", [

@@ -8,17 +8,30 @@
 #   tests/slurm/cluster.sh stop    # stop the daemons started here and remove the state folder
 #   tests/slurm/cluster.sh env     # print `export SLURM_CONF=...` for the shell that submits jobs
 #
-# Everything lives under $DARTSWEEP_SLURM_DIR (default /tmp/dartsweep-slurm), on its own ports (16817-16820),
-# so it does not touch a machine's real SLURM configuration. Needs root, or passwordless sudo.
+# Everything lives in a folder made fresh by root with `mktemp -d` at each start (a random name, so no other
+# local user can have made it first and planted a config, a Prolog say, that root would run; then 0755
+# like any slurm.conf, so a sudo user's sbatch reads it; its path is kept in /run/dartsweep-slurm.dir,
+# which only root can write), or in $DARTSWEEP_SLURM_DIR if set, on its own ports (16817-16820), so it
+# does not touch a machine's real SLURM configuration. Needs root, or passwordless sudo.
 #
 # The nodes share this host's file system but for one folder, $DIR/node1-only: every slurmd but the first
 # runs in a mount namespace of its own where an empty tmpfs covers it, so what a test puts there is on the
 # first node only, as on a cluster without a shared file system (the plugin test: Ray must ship it).
 set -euo pipefail
 
-DIR=${DARTSWEEP_SLURM_DIR:-/tmp/dartsweep-slurm}
-CONF=$DIR/slurm.conf
-NODE1_ONLY=$DIR/node1-only
+POINTER=/run/dartsweep-slurm.dir
+if [ -n "${DARTSWEEP_SLURM_DIR:-}" ]; then
+    DIR=$DARTSWEEP_SLURM_DIR
+elif [ -s "$POINTER" ] && [ -d "$(cat "$POINTER")" ] && [ "$(stat -c %u "$(cat "$POINTER")")" = 0 ]; then
+    DIR=$(cat "$POINTER")  # the folder the running cluster was started in
+else
+    DIR=""  # made by `start`
+fi
+set_paths() {
+    CONF=$DIR/slurm.conf
+    NODE1_ONLY=$DIR/node1-only
+}
+set_paths
 NODES=(dartsweep1 dartsweep2)  # slurmd -N each, on ports 16819 onwards
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
@@ -38,12 +51,16 @@ install_packages() {
 
 start_munge() {
     if pgrep -x munged >/dev/null; then return; fi
-    $SUDO mkdir -p /run/munge /var/log/munge /var/lib/munge /etc/munge
-    if [ ! -s /etc/munge/munge.key ]; then
-        $SUDO sh -c 'dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null'
+    if [ ! -s /etc/munge/munge.key ]; then  # munge never set up here: a key of its own (else left alone)
+        $SUDO mkdir -p /etc/munge /var/log/munge /var/lib/munge
+        $SUDO sh -c 'umask 077; dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null'
+        $SUDO chown -R munge:munge /etc/munge /var/log/munge /var/lib/munge
+        $SUDO chmod 400 /etc/munge/munge.key
     fi
-    $SUDO chown -R munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge
-    $SUDO chmod 400 /etc/munge/munge.key
+    if [ ! -d /run/munge ]; then  # /run is new at each boot; a container has no systemd to make it
+        $SUDO mkdir -p /run/munge
+        $SUDO chown munge:munge /run/munge
+    fi
     $SUDO su -s /bin/sh munge -c /usr/sbin/munged
 }
 
@@ -124,8 +141,23 @@ install)
 start)
     install_packages
     start_munge
-    if ! all_running; then
-        stop_daemons  # what is left of an earlier cluster (or an older layout) restarts with this config
+    if [ -z "$DIR" ] || ! all_running; then
+        if [ -n "$DIR" ]; then
+            stop_daemons  # what is left of an earlier cluster (or an older layout) restarts with this config
+        fi
+        if [ -z "${DARTSWEEP_SLURM_DIR:-}" ]; then
+            [ -n "$DIR" ] && $SUDO rm -rf "$DIR"
+            LEGACY=/tmp/dartsweep-slurm  # the fixed folder of earlier versions: its daemons hold the ports
+            if [ -d "$LEGACY" ] && [ "$(stat -c %u "$LEGACY")" = 0 ]; then
+                DIR=$LEGACY stop_daemons
+                $SUDO rm -rf "$LEGACY"
+            fi
+            DIR=$($SUDO mktemp -d /tmp/dartsweep-slurm.XXXXXXXX)
+            $SUDO chmod 755 "$DIR"
+            echo "$DIR" | $SUDO tee "$POINTER" >/dev/null
+            set_paths
+        fi
+        STARTED="(started here)"
         write_config
         $SUDO mkdir -p "$NODE1_ONLY"
         $SUDO touch "$NODE1_ONLY/.marker"
@@ -134,7 +166,7 @@ start)
     fi
     for _ in $(seq 1 60); do  # the nodes come up idle within seconds
         if [ "$(SLURM_CONF=$CONF sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)')" = "${#NODES[@]}" ]; then
-            echo "cluster.sh: SLURM is up (SLURM_CONF=$CONF)" >&2
+            echo "cluster.sh: SLURM is up ${STARTED:-(already running)} (SLURM_CONF=$CONF)" >&2
             exit 0
         fi
         sleep 1
@@ -143,10 +175,14 @@ start)
     exit 1
     ;;
 stop)
-    stop_daemons
-    $SUDO rm -rf "$DIR"
+    if [ -n "$DIR" ]; then
+        stop_daemons
+        $SUDO rm -rf "$DIR"
+    fi
+    [ -n "${DARTSWEEP_SLURM_DIR:-}" ] || $SUDO rm -f "$POINTER"
     ;;
 env)
+    [ -n "$DIR" ] || { echo "cluster.sh: no test cluster is running (cluster.sh start)" >&2; exit 1; }
     echo "export SLURM_CONF=$CONF"
     echo "export DARTSWEEP_NODE1_ONLY=$NODE1_ONLY"
     ;;
