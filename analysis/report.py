@@ -174,9 +174,14 @@ def search_stops(trials: pd.DataFrame) -> pd.DataFrame:
     if "stop_reason" not in trials:
         return pd.DataFrame()
     stopped = trials[(trials.stage == "search") & (trials.stop_reason.fillna("") != "")]
-    return pd.DataFrame({"Op set": stopped.op_set, "Seed": stopped.seed, "Stop epoch": stopped.epochs_done,
-                         "Epochs": stopped.epochs_total, "Reason": stopped.stop_reason,
-                         "Epochs saved": stopped.epochs_saved, "Hours saved": stopped.hours_saved}).reset_index(drop=True)
+    def whole(column: pd.Series) -> pd.Series:  # counts, as integers (pandas' nullable kind: no "0.0")
+        return pd.to_numeric(column, errors="coerce").round().astype("Int64")
+
+    return pd.DataFrame({"Op set": stopped.op_set, "Seed": whole(stopped.seed),
+                         "Stop epoch": whole(stopped.epochs_done), "Epochs": whole(stopped.epochs_total),
+                         "Reason": stopped.stop_reason, "Epochs saved": whole(stopped.epochs_saved),
+                         "Hours saved": pd.to_numeric(stopped.hours_saved, errors="coerce").round(4)}
+                        ).reset_index(drop=True)
 
 
 def _summary(trials: pd.DataFrame, fronts: dict, column: str = "gmac") -> str:

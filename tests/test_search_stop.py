@@ -95,6 +95,12 @@ def test_sweep_reports_stops_evaluates_the_stop_genotype_and_analyze_shows_savin
     pib = stopped[stopped.op_set == "pibconv"].iloc[0]
     assert pib.epochs_done == 3 and pib.stop_reason.startswith("settled")
     stops = pd.read_csv(tmp_path / "stops" / "analysis" / "search_stops.csv")
+    import csv
+
+    with open(tmp_path / "stops" / "analysis" / "search_stops.csv") as fh:
+        for row in csv.DictReader(fh):  # whole numbers as such, hours to 4 decimals (not "0.0", 17 digits)
+            assert all(row[k].isdigit() for k in ("Seed", "Stop epoch", "Epochs", "Epochs saved")), row
+            assert len(row["Hours saved"].split(".")[-1]) <= 4 and float(row["Hours saved"]) >= 0, row
     assert (stops["Stop epoch"] < stops["Epochs"]).all() and "stopped early" in \
         (tmp_path / "stops" / "analysis" / "index.md").read_text().lower()
     evals = trials[trials.stage == "eval"]
