@@ -387,3 +387,21 @@ def test_stacked_search_cell_runs_plugin_ops(tmp_path):
     plain.load_state_dict(stacked.state_dict())
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     assert torch.allclose(stacked(x)[0], plain(x)[0], atol=1e-9)
+
+
+def test_a_plugin_op_builds_exactly_what_the_same_builtin_factory_builds():
+    """What `dartsweep bench search --op-set darts_plugin --plugin examples/plugins/sep_conv_alias.py` times
+    against `--op-set darts`: the same modules, parameters and outputs, so a step cannot cost more because
+    an op came from a plugin (the name is looked up once, when the network is built)."""
+    from nas.opsets import resolve_op_set
+    from nas.search_network import SearchNetwork
+
+    plugins_lib.load_plugin(str(ROOT / "examples" / "plugins" / "sep_conv_alias.py"))
+    torch.manual_seed(0)
+    builtin = SearchNetwork(resolve_op_set("darts"), 4, 3, 2, 10, 3)
+    torch.manual_seed(0)
+    plugin = SearchNetwork(resolve_op_set("darts_plugin"), 4, 3, 2, 10, 3)
+    assert [type(m) for m in builtin.modules()] == [type(m) for m in plugin.modules()]
+    assert {k: v.shape for k, v in builtin.state_dict().items()} == {k: v.shape for k, v in plugin.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(builtin(x)[0], plugin(x)[0])
