@@ -6,9 +6,27 @@ import argparse
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from analysis.report import analyze
+    import tempfile
+    from pathlib import Path
 
-    out, summary = analyze(args.dir if len(args.dir) > 1 else args.dir[0], args.out, edge=args.edge, cost=args.cost)
+    from analysis.report import analyze
+    from sweeps.driver import SweepDir
+
+    with tempfile.TemporaryDirectory(prefix="dartsweep-analyze-") as tmp:
+        # a sweep in cloud storage is read through a local copy of everything but the weights; its analysis
+        # goes to ./<name>-analysis unless --out says where
+        sweeps = [SweepDir.at(d) for d in args.dir]
+        dirs = [s.mirror(Path(tmp, str(i))) for i, s in enumerate(sweeps)]
+        out = args.out
+        if out is None and len(dirs) == 1 and not sweeps[0].is_local:
+            out = Path.cwd() / f"{sweeps[0].name}-analysis"
+        out, summary = analyze(dirs if len(dirs) > 1 else dirs[0], out, edge=args.edge, cost=args.cost)
+        trials = Path(out, "trials.csv")
+        text = trials.read_text()
+        for sweep, copy in zip(sweeps, dirs):  # trial folders: where they are, not the temporary copy
+            if not sweep.is_local:
+                text = text.replace(str(copy), sweep.location.partition("?")[0])
+        trials.write_text(text)
     print(summary)
     print(f"plots, tables and index.md in {out}")
     return 0

@@ -129,7 +129,7 @@ def cmd_steps(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from sweeps.status import sweep_status
 
-    print(sweep_status(Path(args.dir), as_json=args.json))
+    print(sweep_status(args.dir, as_json=args.json))
     return 0
 
 

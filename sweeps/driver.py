@@ -58,7 +58,10 @@ class SweepDir:
     @staticmethod
     def at(location: str | Path) -> "SweepDir":
         text = str(location)
-        return SweepDir(text.rstrip("/") if "://" in text else str(Path(text).expanduser().resolve()))
+        if "://" not in text:
+            return SweepDir(str(Path(text).expanduser().resolve()))
+        base, sep, query = text.partition("?")  # s3://bucket/prefix?endpoint_override=...&region=...
+        return SweepDir(base.rstrip("/") + sep + query)
 
     @property
     def is_local(self) -> bool:
@@ -66,13 +69,46 @@ class SweepDir:
 
     @property
     def path(self) -> Path:
-        """The local folder (status and analysis read local copies)."""
+        """The local folder (status and analysis read local copies: :meth:`mirror` for a remote sweep)."""
         if not self.is_local:
-            raise ConfigError(f"{self.location} is remote; copy it locally first (e.g. `aws s3 sync`)")
+            raise ConfigError(f"{self.location} is remote; read it through a local copy (SweepDir.mirror)")
         return Path(self.location)
 
+    @property
+    def name(self) -> str:
+        return self.location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+    def mirror(self, dest: str | Path, skip: tuple[str, ...] = ("state.pt",)) -> Path:
+        """A local copy of a remote sweep folder in ``dest``/<name>, for reading (status, analysis): every
+        object but the trials' weights (``skip``), which stand as empty sparse files of their size, so
+        checkpoints still count as complete and their history is read. A local sweep is its own copy."""
+        if self.is_local:
+            return self.path
+        import pyarrow.fs as pafs
+
+        fs, root = self._fs()
+        if fs.get_file_info(root).type == pafs.FileType.NotFound:
+            raise ConfigError(f"{self.location} does not exist (or this machine's AWS credentials cannot see it)")
+        target = Path(dest, self.name)
+        for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            if info.type != pafs.FileType.File:
+                continue
+            local = target / info.path[len(root):].lstrip("/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            if info.base_name in skip:
+                with open(local, "wb") as fh:
+                    fh.truncate(info.size)
+                continue
+            with fs.open_input_stream(info.path) as src, open(local, "wb") as fh:
+                fh.write(src.read())
+        return target
+
     def join(self, *parts: str) -> str:
-        return "/".join([self.location, *parts]) if not self.is_local else str(Path(self.location, *parts))
+        """A path or URI below this folder; a URI's query (endpoint_override, scheme, region) stays at its end."""
+        if self.is_local:
+            return str(Path(self.location, *parts))
+        base, sep, query = self.location.partition("?")
+        return "/".join([base, *parts]) + sep + query
 
     def _fs(self):
         import pyarrow.fs as pafs
@@ -80,6 +116,25 @@ class SweepDir:
         if self.is_local:
             return pafs.LocalFileSystem(), self.location
         return pafs.FileSystem.from_uri(self.location)
+
+    def check_reachable(self) -> None:
+        """Refuse, in one line naming the URI, cloud storage whose bucket is missing or cannot be read with
+        this machine's credentials (before any data is loaded or any trial starts)."""
+        if self.is_local:
+            return
+        import pyarrow.fs as pafs
+
+        try:
+            fs, root = self._fs()
+            bucket = root.split("/", 1)[0]
+            found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"storage {self.location}: cannot reach it ({first}); check the URI and the AWS "
+                              "credentials (AWS_* variables or ~/.aws)") from None
+        if not found:
+            raise ConfigError(f"storage {self.location}: bucket {bucket!r} does not exist (or these credentials "
+                              "cannot see it); create it first")
 
     def exists(self, *parts: str) -> bool:
         import pyarrow.fs as pafs
@@ -538,6 +593,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     the caller's ``sweeps.stopping.GracefulStop`` (signals), ``progress_every``: seconds between progress
     lines (default 30 on a terminal, 60 otherwise)."""
     root, sweep = sweep_location(spec, storage)
+    root.check_reachable()
     if not _fresh(sweep):
         raise ConfigError(f"{sweep.location} already exists; continue it with `dartsweep sweep resume "
                           f"{sweep.location}` (or `sweep up`) or change the sweep's name")
@@ -627,7 +683,8 @@ def up_sweep(file_or_name: str | Path, storage: str | None = None, address: str 
     from sweeps.spec import load_sweep
 
     spec = load_sweep(file_or_name)
-    _, sweep = sweep_location(spec, storage)
+    root, sweep = sweep_location(spec, storage)
+    root.check_reachable()
     if _fresh(sweep):
         _print(f"{sweep.location}: no sweep there yet; starting it")
         return run_sweep(spec, storage, address, verbose, force, stop, progress_every)

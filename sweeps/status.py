@@ -10,27 +10,37 @@ from sweeps.lock import describe, holder_alive, read_lock
 
 
 def failed_trials(location: str) -> list[str]:
-    """One line per errored or diverged trial of a local sweep (as ``status`` writes them); [] for a
-    remote one, which status cannot read."""
-    if "://" in str(location):
-        return []
-    lines = sweep_status(Path(location)).splitlines()[1:-1]
+    """One line per errored or diverged trial of a sweep, local or in cloud storage (as ``status`` writes
+    them)."""
+    lines = sweep_status(location).splitlines()[1:-1]
     return [ln for ln in lines if not ln.startswith("cost:") and ln.split()[2:3] in (["errored"], ["diverged"])]
 
 
-def sweep_status(path: Path, as_json: bool = False) -> str:
-    from analysis.frames import trials_frame
+def sweep_status(path: str | Path, as_json: bool = False) -> str:
+    """The status of a sweep folder, local or in cloud storage (``s3://...``: read through a local copy of
+    everything but the weights)."""
+    import tempfile
+
     from sweeps.driver import SweepDir
 
     sweep = SweepDir.at(path)
-    if not sweep.is_local or not sweep.is_sweep():
+    if not sweep.is_sweep():
         raise ConfigError(f"{path} is not a sweep directory (no sweep.yaml); pass the folder `sweep run` printed")
+    if sweep.is_local:
+        return _status(sweep, as_json)
+    with tempfile.TemporaryDirectory(prefix="dartsweep-status-") as tmp:
+        return _status(SweepDir.at(sweep.mirror(tmp)), as_json, lock_of=sweep)
+
+
+def _status(sweep, as_json: bool, lock_of=None) -> str:
+    from analysis.frames import trials_frame
+
     frame = trials_frame(sweep.path)
     if as_json:
         return frame.to_json(orient="records")
     stages = sweep.read_state().get("stages", {})
     lines = [f"sweep {sweep.path.name}: " + ", ".join(f"{s} {stages.get(s, 'not started')}" for s in ("search", "eval"))]
-    holder = read_lock(sweep)
+    holder = read_lock(lock_of or sweep)
     if holder is not None:
         lines[0] += f"; {'run by' if holder_alive(holder) else 'left locked by a driver that is gone:'} {describe(holder)}"
     for _, r in frame.iterrows():
