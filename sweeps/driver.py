@@ -126,6 +126,8 @@ class SweepDir:
 
         try:
             fs, root = self._fs()
+            if isinstance(fs, pafs.LocalFileSystem):  # file://: a folder, made when needed
+                return
             bucket = root.split("/", 1)[0]
             found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
         except (OSError, ValueError) as exc:
