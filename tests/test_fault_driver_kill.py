@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from analysis.frames import trial_history
-from sweeps.checkpoints import TrialStore
 from sweeps.lock import ray_processes
 from tests.ray_helpers import epochs_of, sweep_file
 
@@ -37,11 +36,11 @@ def _finished(stage: Path) -> dict[Path, bytes]:
 
 def test_driver_killed_then_up_finishes(tmp_path, rounds=3):
     """The driver SIGKILLed alone (``kill -9 PID``) mid-stage, ``rounds`` times over, each time after one more
-    trial finished: its trial worker trains on for a moment and writes checkpoints after the driver's last
-    experiment snapshot (the race that made Ray Tune's own checkpoints unrecoverable; the test sees it
-    happen), and dartsweep's trials restore from their newest complete checkpoint on storage. ``sweep up``
-    continues each time; at the end every trial holds every epoch once and no trial that had finished was
-    touched."""
+    trial finished: its trial worker may train on for a moment and write checkpoints after the driver's
+    last experiment snapshot (the race that made Ray Tune's own checkpoints unrecoverable; whether it
+    happens depends on how fast Ray kills the dead job's workers, so the test cannot force it), and
+    dartsweep's trials restore from their newest complete checkpoint on storage. ``sweep up`` continues
+    each time; at the end every trial holds every epoch once and no trial that had finished was touched."""
     # DARTS_V2 has no op that uses F: the F list is folded away (2 per seed, not 4), and the resumed grid's F
     # comes from Ray's restored sample_from
     # one trial at a time, and more trials than kill rounds can use up: killed alone, a driver leaves its
@@ -56,7 +55,6 @@ def test_driver_killed_then_up_finishes(tmp_path, rounds=3):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     stage = tmp_path / "killed" / "eval"
     finished: dict[Path, bytes] = {}
-    orphan_writes = 0  # rounds in which the killed driver's worker checkpointed after the kill
     up = cli("sweep", "up", str(file), "--storage", str(tmp_path), "--verbose", "0")
     for round_ in range(rounds):
         log = open(tmp_path / f"run{round_}.log", "w")
@@ -73,13 +71,6 @@ def test_driver_killed_then_up_finishes(tmp_path, rounds=3):
                         assert now[d] == content, f"round {round_}: {d.name} changed after it had finished"
                     finished = now
                     os.kill(driver.pid, signal.SIGKILL)
-                    at_kill = {d: TrialStore.at(d).newest() or 0 for d in running}
-                    orphan_until = time.time() + 4
-                    while time.time() < orphan_until:  # the orphaned worker, if it trains on, checkpoints
-                        if any((TrialStore.at(d).newest() or 0) > e for d, e in at_kill.items()):
-                            orphan_writes += 1
-                            break
-                        time.sleep(0.05)
                     break
                 time.sleep(0.2)
             driver.wait(30)
@@ -95,7 +86,6 @@ def test_driver_killed_then_up_finishes(tmp_path, rounds=3):
                 driver.kill()
             log.close()
     assert len(finished) >= rounds
-    assert orphan_writes >= 1, "no round saw the killed driver's worker checkpoint after the kill"
     resume = subprocess.run(up, capture_output=True, text=True, env=env, timeout=300)
     assert resume.returncode == 0, resume.stderr[-3000:]
     assert "taking over the lock of a driver that is gone" in resume.stderr  # the killed driver's lock
