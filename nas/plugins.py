@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,8 +43,6 @@ class Plugin:
     ops: tuple[str, ...] = ()
     op_sets: tuple[str, ...] = ()
     datasets: tuple[str, ...] = ()
-    # what a placeholder needs where the plugin cannot be imported (analysis of a finished sweep)
-    details: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def record(self) -> dict[str, Any]:
         """What sweep.yaml keeps of this plugin (and the genotype JSON of a network that uses it)."""
@@ -197,15 +195,6 @@ def load_plugin(ref: str, base_dir: Path = Path("."), check: bool = True) -> Plu
     return plugin
 
 
-def load_plugins(refs: Any, base_dir: Path = Path(".")) -> list[Plugin]:
-    """The plugins a sweep file lists under ``plugins:``, imported and checked in order."""
-    if refs is None:
-        return []
-    if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
-        raise ConfigError(f"plugins: must be a list of .py files or module names, got {refs!r}")
-    return [load_plugin(r, base_dir) for r in refs]
-
-
 def check_op(entry: OpEntry, channels: int = 8, size: int = 8) -> None:
     """One forward pass per stride on the CPU: the op maps (2, C, H, W) to (2, C, H / stride, W / stride)
     and returns a Tensor; and an op with weights counts more than 0 MACs (ptflops, or its own ``macs``)."""
@@ -258,10 +247,6 @@ def stated_macs_hooks(module: Any) -> dict[type, Any]:
 
 
 # ------------------------------------------------------------------------------------- sweeps and Ray
-
-def records(plugins: list[Plugin]) -> list[dict[str, Any]]:
-    return [p.record() for p in plugins]
-
 
 def ship_folder(plugins: list[Plugin]) -> list[str]:
     """The paths to give Ray's ``runtime_env["py_modules"]``: each file plugin copied under its import name
