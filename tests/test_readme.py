@@ -19,7 +19,7 @@ def bash_commands() -> list[str]:
 
 
 def test_readme_is_a_users_page():
-    assert len(README.read_bytes()) <= 16 * 1024
+    assert len(README.read_bytes()) <= 15 * 1024
     assert len(bash_commands()) >= 6
 
 
