@@ -6,7 +6,6 @@ BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 export RAY_USAGE_STATS_ENABLED ?= 0
-export RAY_AUTH_MODE ?= disabled
 export RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS ?= 0
 
 .PHONY: quickstart test install clean

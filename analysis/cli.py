@@ -32,6 +32,28 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from analysis.html_report import build_report
+    from sweeps.driver import SweepDir
+
+    start = time.perf_counter()
+    sweeps = [SweepDir.at(d) for d in args.dir]
+    out = args.out
+    if out is None:  # beside the sweep; a sweep in cloud storage, or several: ./NAME-report.html
+        out = (Path(sweeps[0].location) / "report.html" if len(sweeps) == 1 and sweeps[0].is_local
+               else Path.cwd() / f"{'-'.join(s.name for s in sweeps)}-report.html")
+    with tempfile.TemporaryDirectory(prefix="dartsweep-report-") as tmp:
+        dirs = [s.mirror(Path(tmp, str(i))) for i, s in enumerate(sweeps)]
+        path, info = build_report(dirs, out, title=", ".join(s.name for s in sweeps))
+    print(f"{path} ({info['bytes'] / 2**20:.1f} MiB, {info['trials']} trials, {len(info['plots'])} plots; "
+          f"{time.perf_counter() - start:.1f} s): open it in a browser, no network needed")
+    return 0
+
+
 def cmd_gradcam(args: argparse.Namespace) -> int:
     from analysis.gradcam import gradcam_grid
 
@@ -49,6 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cost", choices=("gmac", "params", "latency", "throughput"), default="gmac",
                    help="the cost of the printed Pareto set and index.md's (default gmac); every front is written")
     p.set_defaults(func=cmd_analyze)
+    p = sub.add_parser("report", help="one self-contained HTML page of a sweep (or several merged): plots, "
+                       "tables, every trial")
+    p.add_argument("dir", nargs="+", help="a sweep folder or URI; several are merged")
+    p.add_argument("--out", help="the HTML file (default DIR/report.html; ./NAMES-report.html for a URI or "
+                   "several sweeps)")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("gradcam", help="GradCAM grid (paper Fig. 5) for eval checkpoints")
     p.add_argument("checkpoints", nargs="+", help="eval trial folders, checkpoint folders or state.pt files")
     p.add_argument("--images", default="0,1,2,3", help="comma-separated test image indices")

@@ -40,6 +40,7 @@ import yaml
 from nas.registry import DATASETS
 from nas.data import CIFAR_FOLDERS, ImageData, dataset_shape, load_dataset, nbytes, to_arrays
 from nas.errors import ConfigError
+from sweeps import ray_auth
 from nas.genotypes import Genotype
 from nas.io import write_text_atomic
 from sweeps.spec import (SEARCHED, SWEEP_FORMAT, Stage, SweepSpec, eval_table, eval_trials,
@@ -312,14 +313,25 @@ def _ray_init(address: str | None, verbose: int = 1, plugins: tuple[dict[str, An
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")  # 0-GPU trials see no GPU (#54868)
     if verbose < 2:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)  # worker lines: to the sweep's log (sweeps.console)
-    else:  # an embedded single-machine Ray, reachable from this machine only
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # "local": always a fresh instance; with no address Ray would join the last cluster started here
-        ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False, runtime_env=runtime_env)
+    global _PRIVATE_TOKEN
+    _PRIVATE_TOKEN = ray_auth.prepare(address)  # token authentication, always (sweeps.ray_auth)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)  # worker lines: to the sweep's log (sweeps.console)
+        else:  # an embedded single-machine Ray: its nodes on loopback, no dashboard; Ray's control store
+            # listens on every interface whatever it is told, so the token is what keeps others out
+            # "local": always a fresh instance; with no address Ray would join the last cluster started here
+            ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False,
+                     runtime_env=runtime_env)
+    except BaseException:
+        ray_auth.remove_private_token(_PRIVATE_TOKEN)
+        _PRIVATE_TOKEN = None
+        raise
     return True
+
+
+_PRIVATE_TOKEN: Path | None = None  # the embedded Ray's own token file, removed by _ray_stop
 
 
 def _ray_session_name() -> str | None:
@@ -346,6 +358,9 @@ def _ray_stop() -> None:
         with contextlib.suppress(Exception):  # a private API: if it changes, the plain shutdown still works
             node.kill_monitor(check_alive=False)
     ray.shutdown()
+    global _PRIVATE_TOKEN
+    ray_auth.remove_private_token(_PRIVATE_TOKEN)
+    _PRIVATE_TOKEN = None
 
 
 def _param_space(stage: Stage, genotypes: dict[str, Any] | None = None,
@@ -488,7 +503,7 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
     from ray import tune
 
     from sweeps.console import ProgressView
-    from sweeps.loggers import CSVLogger, JsonLogger
+    from sweeps.loggers import CSVLogger, JsonLogger, TensorBoardLogger
 
     run = run or Run()
     verbose = run.verbose
@@ -503,7 +518,7 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
         run_config = tune.RunConfig(
             name=part, storage_path=sweep.location, verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            callbacks=[JsonLogger(), CSVLogger()],  # Ray adds its TensorBoard logger itself
+            callbacks=[JsonLogger(), CSVLogger(), TensorBoardLogger(), *_trackers(spec, genotypes)],
         )
         tuner = tune.Tuner(trainable, param_space=_param_space(stage, genotypes, points),
                            tune_config=_tune_config(stage, spec, sweep), run_config=run_config)
@@ -515,7 +530,13 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
         results = tuner.fit()
     statuses = [t.status for t in tune.ExperimentAnalysis(stage_path).trials]
     unfinished = max(expected, len(statuses)) - sum(s in ("TERMINATED", "ERROR") for s in statuses)
-    if unfinished > 0:  # Ctrl-C: Tune saved the experiment and returned; the stage is not done
+    signalled = run.stop is not None and run.stop.signum is not None
+    if signalled and any(s != "TERMINATED" for s in statuses):
+        # SLURM signals every process of a job at once (scontrol requeue, preemption): trials whose workers
+        # died with it are errors of the signal's making, not of the trials. The stage is interrupted, the
+        # CLI exits 128 + signal, and `sweep up` continues them from their checkpoints
+        unfinished = max(unfinished, sum(s != "TERMINATED" for s in statuses))
+    if unfinished > 0:  # Ctrl-C or a signal: Tune saved the experiment and returned; the stage is not done
         sweep.mark(part, "interrupted")
         raise SweepInterrupted(f"{part}: stopped with {unfinished} of {max(expected, len(statuses))} trial(s) "
                                f"unfinished or not started; `dartsweep sweep resume {sweep.location}` runs them")
@@ -523,6 +544,20 @@ def _run_stage(spec: SweepSpec, sweep: SweepDir, stage: Stage, genotypes: dict |
     sweep.mark(part, "done" if errors == 0 else "done_with_errors")
     _print(f"{part}: {len(results)} trials, {errors} errored")
     return results
+
+
+def _trackers(spec: SweepSpec, genotypes: dict[str, Any] | None) -> list[Any]:
+    """Ray's JSON, CSV and TensorBoard loggers (each epoch once) come first; then MLflow where the sweep file
+    asks for it (``tracking``)."""
+    if not spec.tracking:
+        return []
+    try:
+        from sweeps.tracking import MLflowTracker
+    except ImportError:
+        _print("warning: tracking.mlflow is set but MLflow is not installed (pip install 'dartsweep[mlflow]'); "
+               "the sweep runs untracked there")
+        return []
+    return [MLflowTracker(spec.tracking["mlflow"], spec.tracking["experiment"], genotypes)]
 
 
 def expected_trials(stage: Stage, genotypes: dict[str, Any] | None = None) -> int:
@@ -701,7 +736,9 @@ def _run(verbose: int, stop: Any, progress_every: float | None) -> Run:
 
 def check_resources(spec: SweepSpec, address: str | None) -> None:
     """On the embedded Ray (no ``address``) a trial asking for more CPUs or GPUs than this machine has would
-    wait forever: refuse it. On a cluster, :func:`_warn_cluster_resources` compares once Ray is up."""
+    wait forever: refuse it. On a cluster, :func:`_warn_cluster_resources` compares once Ray is up. Ray's
+    token authentication is checked here too (``sweeps.ray_auth``), before any cluster work."""
+    ray_auth.check(address)
     if address:
         return
     import torch
@@ -810,6 +847,7 @@ def _continue(spec: SweepSpec, sweep: SweepDir, address: str | None, run: Run,
         started = _ray_init(address, run.verbose, spec.plugins)
         if run.stop is not None:
             run.stop.install()  # ray.init sets a SIGTERM handler of its own
+            run.stop.lock = lock
         session = _ray_session_name() if started and not address and lock is not None else None
         if session:
             lock.record_ray_session(session)

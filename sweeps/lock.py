@@ -7,10 +7,11 @@ is younger than :data:`STALE_AFTER_S`; a holder that ran as a SLURM job is gone 
 run is over (:func:`slurm_job_gone`: a requeued job takes its own lock back on any host at once). A lock
 whose holder is gone is taken over, with a message;
 ``--force`` takes it regardless. On a local or shared filesystem the lock is created with ``O_EXCL``
-(atomic where the filesystem honours it: local disks, NFSv3+, Lustre); in cloud storage pyarrow offers no
-conditional write, so the lock is written, then read back to see who won: two drivers starting within the
-same second can both pass there. Clocks of the hosts sharing a sweep must agree to well under
-:data:`STALE_AFTER_S`.
+(atomic where the filesystem honours it: local disks, NFSv3+, Lustre); in S3 with a conditional write
+(``If-None-Match: *``, through boto3, which ``pip install 'dartsweep[s3]'`` brings), exclusive too. Where
+neither exists (GCS through pyarrow, or S3 without boto3) the lock is written, then read back to see who
+won: two drivers starting within the same second can both pass there. Clocks of the hosts sharing a
+sweep must agree to well under :data:`STALE_AFTER_S`.
 """
 
 from __future__ import annotations
@@ -124,12 +125,16 @@ class SweepLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            if not self._still_mine():
-                print(f"[dartsweep] warning: another driver took over {self.sweep.location}", file=sys.stderr,
-                      flush=True)
-                return
-            self.owner["heartbeat"] = time.time()
-            self.sweep.write_json(self.owner, LOCK_FILE)
+            try:
+                if not self._still_mine():
+                    print(f"[dartsweep] warning: another driver took over {self.sweep.location}", file=sys.stderr,
+                          flush=True)
+                    return
+                self.owner["heartbeat"] = time.time()
+                self.sweep.write_json(self.owner, LOCK_FILE)
+            except Exception as exc:  # noqa: BLE001 - storage unreachable for a while: beat again later
+                print(f"[dartsweep] warning: could not refresh {LOCK_FILE} ({type(exc).__name__}); retrying in "
+                      f"{HEARTBEAT_S:g} s", file=sys.stderr, flush=True)
 
     def record_ray_session(self, session: str) -> None:
         """Note the embedded Ray this driver started (its session name and raylet), so that a driver taking
@@ -164,6 +169,9 @@ def read_lock(sweep: Any) -> dict[str, Any] | None:
 def _create_exclusive(sweep: Any, owner: dict[str, Any]) -> bool:
     """Create the lock file only if there is none; False when another driver's appeared first."""
     if not sweep.is_local:
+        created = _create_if_absent_s3(sweep, json.dumps(owner, indent=2) + "\n")
+        if created is not None:
+            return created
         sweep.write_json(owner, LOCK_FILE)
         time.sleep(1.0)  # let a racing writer's object land, then see who won
         current = read_lock(sweep)
@@ -176,6 +184,46 @@ def _create_exclusive(sweep: Any, owner: dict[str, Any]) -> bool:
         return False
     with os.fdopen(fd, "w") as fh:
         fh.write(json.dumps(owner, indent=2) + "\n")
+    return True
+
+
+def s3_client_for(location: str) -> tuple[Any, str, str] | None:
+    """(boto3 client, bucket, key prefix) for an ``s3://`` sweep location, configured as pyarrow reads the
+    URI (``endpoint_override``, ``scheme``, ``region`` in its query, else ``AWS_ENDPOINT_URL`` and the
+    standard AWS variables and files); None for other schemes or without boto3."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(location)
+    if parts.scheme != "s3":
+        return None
+    try:
+        import boto3
+    except ImportError:
+        return None
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    endpoint = query.get("endpoint_override") or os.environ.get("AWS_ENDPOINT_URL") or None
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=query.get("region") or None)
+    return client, parts.netloc, parts.path.strip("/")
+
+
+def _create_if_absent_s3(sweep: Any, body: str) -> bool | None:
+    """Create the lock object only if there is none, with S3's conditional write (``If-None-Match: *``,
+    AWS S3 since 2024, MinIO, moto): exclusive as ``O_EXCL`` is. None where it cannot be used (not S3, no
+    boto3): the caller falls back to write-then-read-back."""
+    found = s3_client_for(sweep.location)
+    if found is None:
+        return None
+    client, bucket, prefix = found
+    key = f"{prefix}/{LOCK_FILE}" if prefix else LOCK_FILE
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body.encode(), IfNoneMatch="*")
+    except Exception as exc:  # noqa: BLE001 - botocore's ClientError; anything else: fall back
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return False
+        return None
     return True
 
 

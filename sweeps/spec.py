@@ -25,7 +25,7 @@ from nas.opsets import OP_SETS, OpSet, resolve_op_set
 from nas.registry import DATASETS
 
 TOP_KEYS = {"name", "description", "plugins", "dataset", "data_dir", "data_transfer", "storage", "search", "eval",
-            "failure", "max_concurrent_trials", "format"}
+            "failure", "max_concurrent_trials", "format", "tracking"}
 # The sweep.yaml a driver freezes says `format: 3`; one without it was written by dartsweep's first release,
 # whose preset names and option-less mappings meant the first release's networks (see nas.ops
 # FIRST_RELEASE_OPTIONS), and whose trial configs name op sets and genotypes by first-release ids. Format 2
@@ -220,6 +220,7 @@ class SweepSpec:
     raw: dict[str, Any]  # the resolved file, frozen into the sweep directory
     first_release: bool = False  # written by dartsweep's first release (see SWEEP_FORMAT)
     plugins: tuple[dict[str, Any], ...] = ()  # each plugin's record (source, sha256, module, what it registers)
+    tracking: dict[str, str] | None = None  # {"mlflow": URI, "experiment": NAME}: every trial logged there too
 
     @property
     def uses_searched(self) -> bool:
@@ -478,6 +479,7 @@ def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = Fals
     mct = raw.get("max_concurrent_trials")
     if mct is not None:
         _positive_int(mct, "max_concurrent_trials")
+    tracking = _tracking(raw.get("tracking"), name)
     resolved = copy.deepcopy(dict(raw))
     if evaluation is not None:  # freeze genotype files into the sweep so later edits cannot change it
         resolved["eval"]["genotypes"] = [SEARCHED if v == SEARCHED else v for v in evaluation.axes["genotypes"].values()]
@@ -493,7 +495,26 @@ def parse_sweep(raw: Any, base_dir: Path = Path("."), first_release: bool = Fals
     if plugin_records:
         resolved["plugins"] = plugin_records  # path, content hash and names of each: frozen with the sweep
     return SweepSpec(name, dataset, data_dir, data_transfer, storage, search, evaluation, max_failures, mct,
-                     resolved, first_release, tuple(plugin_records))
+                     resolved, first_release, tuple(plugin_records), tracking)
+
+
+def _tracking(raw: Any, name: str) -> dict[str, str] | None:
+    """``tracking: {mlflow: URI, experiment: NAME}``: an MLflow tracking server every trial is logged to as
+    well (the experiment defaults to the sweep's name). Credentials go in MLflow's own variables
+    (MLFLOW_TRACKING_TOKEN, ..._USERNAME/_PASSWORD), never in the URI: the file is frozen into the sweep."""
+    if raw is None:
+        return None
+    from urllib.parse import urlsplit
+
+    if not isinstance(raw, Mapping) or set(raw) - {"mlflow", "experiment"} or "mlflow" not in raw:
+        raise ConfigError(f"tracking: expected {{mlflow: URI, experiment: NAME (optional)}}, got {raw!r}")
+    uri, experiment = raw["mlflow"], raw.get("experiment", name)
+    if not isinstance(uri, str) or not uri.strip() or not isinstance(experiment, str) or not experiment.strip():
+        raise ConfigError(f"tracking.mlflow: an MLflow tracking URI (http://host:5000, file:./mlruns), got {uri!r}")
+    if urlsplit(uri).username or urlsplit(uri).password:
+        raise ConfigError("tracking.mlflow: no credentials in the URI (it is written into the sweep folder); set "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN")
+    return {"mlflow": uri, "experiment": experiment}
 
 
 def builtin_sweeps() -> dict[str, Path]:

@@ -9,6 +9,13 @@ lock and exits with ``128 + signal`` (:data:`EXIT_CODES`: 143 for SIGTERM, 138 f
 A second signal during the wait (more than 2 s after the first: SLURM signals every process of a job, and
 a job script forwarding the signal delivers it twice) ends the run without waiting further.
 
+When the trials cannot be reached at all (SLURM signalled every process of the job at once, Ray's
+included: ``scontrol requeue``, a preemption), Ray is going away under the driver and saving through it
+can hang past SLURM's KillWait, after which SIGKILL would leave the lock behind. When the trials' board
+does not answer within :data:`REACH_S`, the driver gives the run until :data:`ABANDON_S` seconds after
+the signal to end, then releases its lock and exits with the same code, the trials' own
+checkpoints (written before each report) being what the next run continues from.
+
 The request reaches the trials through a small named Ray actor (:class:`StopBoard`, no CPU), one per
 sweep: each trial registers when it starts, asks once per epoch whether a checkpoint is wanted (about a
 millisecond), and acknowledges once its checkpoint is complete on storage (``sweeps.checkpoints``).
@@ -29,6 +36,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGUSR1: 138}
 DEFAULT_GRACE_S = 240.0
 REPEAT_S = 2.0  # a signal this soon after the first is the same request
+ABANDON_S = 6.0  # trials unreachable after a signal: exit this long after it (SLURM's KillWait: 30 s by default)
+REACH_S = 3.0  # the board answers a healthy driver in milliseconds: no answer in this long, Ray is going away
 
 
 class SweepSignalled(BaseException):
@@ -142,6 +151,11 @@ class GracefulStop:
         self._sigint_fallback = False  # a Ray without the hook used here: end the run by SIGINT, as Ctrl-C
         self._previous: dict[int, Any] = {}
         self._finishing = 0  # inside finishing(): signals are noted, never raised
+        self.lock: Any = None  # the sweep's lock (sweeps.lock.SweepLock), released if Ray is abandoned
+        self._wakeup: int | None = None  # the write end of the signal wakeup pipe (_watch_signals)
+        self._watched_at: float | None = None
+        self._watched_signum: int | None = None
+        self._abandoning = threading.Lock()
 
     # ------------------------------------------------------------------------------------- handlers
     def install(self) -> None:
@@ -151,12 +165,59 @@ class GracefulStop:
         for signum in SIGNALS:
             previous = signal.signal(signum, self._handle)
             self._previous.setdefault(signum, previous)
+        self._watch_signals()
 
     def uninstall(self) -> None:
         for signum, previous in self._previous.items():
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signum, previous)
         self._previous.clear()
+        if self._wakeup is not None:
+            with contextlib.suppress(ValueError):
+                signal.set_wakeup_fd(-1)
+
+    def _watch_signals(self) -> None:
+        """Learn of a signal the moment it comes, in a thread of our own: Python runs signal handlers in the
+        main thread only, between bytecodes, and a main thread blocked in a call into a Ray that is going
+        away (the whole job signalled) may not get there before SLURM's SIGKILL. The C-level handler writes
+        each signal's number to a wakeup pipe, which this thread reads (:meth:`_watchdog`)."""
+        if self._wakeup is None:
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            self._wakeup = write
+            threading.Thread(target=self._read_wakeups, args=(read,), name="dartsweep-signals", daemon=True).start()
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.set_wakeup_fd(self._wakeup, warn_on_full_buffer=False)
+
+    def _read_wakeups(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            stops = [b for b in data if b in (int(signal.SIGTERM), int(signal.SIGUSR1))]
+            if stops and self._watched_at is None:
+                self._watched_at, self._watched_signum = time.monotonic(), stops[0]
+                threading.Thread(target=self._watchdog, name="dartsweep-watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        """After a signal: where the trials' board does not answer within :data:`REACH_S` (Ray is going
+        away with the job), the run has until :data:`ABANDON_S` after the signal to end; then
+        :meth:`_abandon`. A board that answers means a healthy Ray: the main thread's drain takes its time."""
+        import ray
+
+        board = self._board
+        if board is None or not ray.is_initialized():
+            return
+        try:
+            ray.get(board.pending.remote(), timeout=REACH_S)
+            return
+        except Exception:  # noqa: BLE001 - no answer: Ray is stopping too
+            pass
+        time.sleep(max(0.0, (self._watched_at or 0.0) + ABANDON_S - time.monotonic()))
+        self._abandon()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["GracefulStop"]:
@@ -224,23 +285,48 @@ class GracefulStop:
         pending: list[str] = []
         try:
             if self._board is not None:
-                ray.get(self._board.request.remote(), timeout=10)
+                ray.get(self._board.request.remote(), timeout=REACH_S)
                 while time.monotonic() < deadline:
                     pending = ray.get(self._board.pending.remote(), timeout=10)
                     if not pending:
                         break
                     time.sleep(0.2)
         except Exception as exc:  # noqa: BLE001 - Ray going down under us: save what Tune has
-            self.say(f"could not reach the trials ({type(exc).__name__}); saving the experiment as it is")
-        if pending:
-            self.say(f"{len(pending)} trial(s) did not checkpoint within {self.grace_s:g} s; they continue from "
-                     "their last checkpoint")
+            self.say(f"could not reach the trials ({type(exc).__name__}: Ray is stopping too); they continue "
+                     f"from their last checkpoints; saving the experiment (until {ABANDON_S:g} s after the signal)")
+            self._abandon_later()
         else:
-            self.say("every running trial has checkpointed; saving the experiment")
+            if pending:
+                self.say(f"{len(pending)} trial(s) did not checkpoint within {self.grace_s:g} s; they continue "
+                         "from their last checkpoint")
+            else:
+                self.say("every running trial has checkpointed; saving the experiment")
         if self._event is not None:
             self._event.set()
         elif self._sigint_fallback:
             os.kill(os.getpid(), signal.SIGINT)
+
+    def _abandon_later(self) -> None:
+        timer = threading.Timer(max(0.0, self._first_at + ABANDON_S - time.monotonic()), self._abandon)
+        timer.daemon = True
+        timer.start()
+
+    def _abandon(self) -> None:
+        """Exit now with the signal's code, the lock released: Ray did not let the run end in time."""
+        if not self._abandoning.acquire(blocking=False):
+            return
+        code = self.exit_code or EXIT_CODES.get(signal.Signals(self._watched_signum or signal.SIGTERM), 143)
+        self.say(f"Ray did not let the run end within {ABANDON_S:g} s of the signal; releasing the sweep's lock and exiting "
+                 f"{code} (`dartsweep sweep up` continues every trial from its checkpoint)")
+        if self.lock is not None:
+            with contextlib.suppress(Exception):
+                self.lock.release()
+        import sys
+
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
 
     # ---------------------------------------------------------------------------------------- stage
     @contextlib.contextmanager

@@ -43,11 +43,11 @@ from nas.io import load_checkpoint
 from nas.plugins import import_shipped
 from nas.train import run_eval, run_search
 from sweeps.checkpoints import TrialStore
+from sweeps.loggers import REPLAYED
 from sweeps.stopping import TrialControl
 
 STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
-REPLAYED = "replayed"  # a report repeating the last epoch of a trial that had finished (logged only if missing)
 
 
 def _device() -> str:
@@ -152,10 +152,15 @@ def _run_trial(run, cfg: Any, images: ImageData, fixed: dict[str, Any], config: 
         state, history = _restore(store)
         if state is not None and history and (state["epoch"] >= cfg.epochs or "stop_reason" in history[-1]):
             # finished before its driver saw it: report the end again for Tune, marked so that the loggers
-            # (sweeps.loggers) write it only where their file lacks it (analysis fills epochs between from
-            # the checkpoint's history)
+            # (sweeps.loggers) write the epochs their files lack from the checkpoint's history
             tune.report({**history[-1], REPLAYED: True})
             return
+        if state is not None and history:
+            # the checkpoint's last epoch again, marked: the driver's loggers write every epoch up to it
+            # that their files lack (a driver stopped with the whole job never logged the last one)
+            tune.report({**history[-1], REPLAYED: True})
+        # every report says which checkpoint this attempt started from (0: from scratch)
+        fixed = {**fixed, "resumed_from": int(state["epoch"]) if state is not None else 0}
         try:
             run(cfg, data=images, device=_device(), resume=state,
                 on_epoch=_reporter(config.get("checkpoint_every", 1), cfg.epochs, fixed, history, store, control))

@@ -1,7 +1,20 @@
 import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray with token authentication, as users run it: one token for the whole test session, in a private file
+# (each test's Ray, embedded or `ray start`ed, and every CLI the tests start inherit these two)
+os.environ["RAY_AUTH_MODE"] = "token"
+if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+    import atexit
+    import secrets
+    import shutil
+    import tempfile
+
+    _token_dir = tempfile.mkdtemp(prefix="dartsweep-test-auth-")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.join(_token_dir, "auth_token")
+    with os.fdopen(os.open(os.environ["RAY_AUTH_TOKEN_PATH"], os.O_WRONLY | os.O_CREAT, 0o600), "w") as _f:
+        _f.write(secrets.token_hex(32))
+    atexit.register(shutil.rmtree, _token_dir, True)
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 

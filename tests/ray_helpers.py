@@ -33,6 +33,35 @@ def epochs_of(trial_dir: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in lines]
 
 
+def tensorboard_epochs(trial_dir: Path) -> list[int]:
+    """The step of every ``ray/tune/epoch`` scalar in all of a trial's event files, in the order written
+    (file by file: TensorBoard's own accumulator would hide a repeated step)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    steps = []
+    for path in sorted(trial_dir.glob("events.out.tfevents.*"), key=lambda p: p.name.split(".")[3]):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            steps += [event.step for v in event.summary.value if v.tag == "ray/tune/epoch"]
+    return steps
+
+
+def tensorboard_hparams(trial_dir: Path) -> tuple[dict, set[str]]:
+    """A trial's HParams session as TensorBoard's HParams plugin reads it: (hyperparameters, metric tags)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    acc = EventAccumulator(str(trial_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    values = {}
+    for name, value in start.hparams.items():
+        kind = value.WhichOneof("kind")
+        values[name] = getattr(value, kind)
+    return values, {m.name.tag for m in experiment.metric_infos}
+
+
 @pytest.fixture(scope="module")
 def module_ray():
     """A local Ray (2 CPUs) for a test module; use with ``pytestmark = pytest.mark.usefixtures(...)``."""

@@ -3,6 +3,7 @@ API; pyarrow is the client, as in Ray): a two-stage sweep with ``--storage s3://
 (the URI's query kept intact through every join), then ``sweep status`` and ``analyze`` straight from the
 bucket; a missing or unreachable bucket is one line before any work; credentials stay out of the bucket."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -123,3 +124,208 @@ def test_a_bucket_that_is_missing_or_unreachable_is_one_line_before_any_work(tmp
     missing = cli(env, "sweep", "status", f"s3://sweeps/nothing-here?endpoint_override={endpoint}&scheme=http"
                   "&region=us-east-1", cwd=tmp_path)
     assert missing.returncode == 2 and "is not a sweep directory" in missing.stderr
+
+
+def _objects(fs, root: str) -> dict[str, int]:
+    import pyarrow.fs as pafs
+
+    return {i.path.removeprefix(root + "/"): i.size for i in fs.get_file_info(pafs.FileSelector(root, recursive=True,
+                                                                                                   allow_not_found=True))
+            if i.type == pafs.FileType.File}
+
+
+def _rows(fs, key: str) -> list[dict]:
+    import json
+
+    with fs.open_input_stream(key) as fh:
+        return [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
+
+
+def test_s3_lock_is_exclusive_driver_killed_mid_stage_then_up_finishes(tmp_path, s3):
+    """S3's conditional write makes the lock exclusive (eight drivers racing for it: exactly one wins; a
+    second ``sweep up`` while one runs exits 2 naming it). The driver SIGKILLed alone mid-stage, then
+    ``sweep up`` again: every trial finishes, continued from its newest checkpoint in the bucket (none from
+    scratch), every epoch once in each trial's result.json, no complete checkpoint lost."""
+    import json
+    import signal
+    import threading
+
+    from sweeps.driver import SweepDir
+    from sweeps.lock import _create_exclusive
+
+    endpoint, env, fs = s3
+    query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
+    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+    race = SweepDir.at(f"s3://sweeps/race?{query}")
+    won: list[bool] = []
+    threads = [threading.Thread(target=lambda: won.append(_create_exclusive(race, {"token": os.urandom(4).hex()})))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(won) == [False] * 7 + [True], won
+
+    epochs = 40  # ~0.25 s an epoch: the orphaned worker cannot finish before the next driver stops it
+    raw = {"name": "killed", "dataset": "digits", "failure": {"max_failures": 1},
+           "eval": {**TINY_EVAL, "genotypes": ["DARTS_V2"], "layers": [1], "seeds": [0, 1], "epochs": epochs,
+                    "max_steps_per_epoch": 25, "channels": 16, "batch_size": 32, "resources": {"cpu": 1}}}
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump(raw))
+    storage = f"s3://sweeps/kill?{query}"
+    root = "sweeps/kill/killed"
+    up = [sys.executable, "-m", "nas.cli", "sweep", "up", str(tmp_path / "killed.yaml"), "--storage", storage,
+          "--verbose", "0"]
+    driver = subprocess.Popen(up, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:  # both trials past a few checkpoints, neither finished
+            markers = [k for k in _objects(fs, root) if k.endswith("/complete.json")]
+            if len({m.split("/")[1] for m in markers if "epoch_000003" in m or "epoch_000004" in m}) == 2:
+                break
+            assert driver.poll() is None, "the driver ended before the test could kill it"
+            time.sleep(0.2)
+        second = cli(env, "sweep", "up", str(tmp_path / "killed.yaml"), "--storage", storage, cwd=tmp_path)
+        assert second.returncode == 2 and "is being run by another driver" in second.stderr, second.stderr[-2000:]
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    at_kill = {k for k in _objects(fs, root) if k.endswith("/complete.json")}
+    newest = {}
+    for key in at_kill:
+        trial, epoch = key.split("/")[1], int(key.split("/")[-2].removeprefix("epoch_"))
+        newest[trial] = max(newest.get(trial, 0), epoch)
+    assert len(newest) == 2 and all(e < epochs for e in newest.values()), newest
+    out = cli(env, *up[3:], cwd=tmp_path, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "taking over the lock of a driver that is gone" in out.stderr
+    objects = _objects(fs, root)
+    assert "driver.lock" not in objects
+    for trial, epoch_at_kill in newest.items():
+        rows = _rows(fs, f"{root}/eval/{trial}/result.json")
+        assert [r["epoch"] for r in rows] == list(range(1, epochs + 1)), (trial, [r["epoch"] for r in rows])
+        # the trial ended in an attempt that started from a checkpoint at least as new as the kill's, not
+        # from scratch (whose every row says 0); the killed driver's orphaned worker may have trained on a
+        # few epochs meanwhile, which are the checkpoint's and are logged from its history
+        assert rows[-1]["resumed_from"] >= epoch_at_kill, (trial, epoch_at_kill, [r["resumed_from"] for r in rows])
+        assert f"eval/{trial}/checkpoints/epoch_{epochs:06d}/complete.json" in objects
+    print(json.dumps({"epochs": epochs, "newest_checkpoints_at_kill": newest,
+                      "resumed_from": {t: _rows(fs, f"{root}/eval/{t}/result.json")[-1]["resumed_from"] for t in newest}}))
+
+
+class Outage:
+    """A TCP forwarder in front of the S3 server: ``down()`` closes it and every connection through it (a
+    client then gets "connection refused", as from a stopped server), ``up()`` listens again on the same
+    port. The server keeps its objects meanwhile (moto keeps them in memory only)."""
+
+    def __init__(self, target: int) -> None:
+        import threading
+
+        self.target, self.port = target, _port()
+        self._conns: list[socket.socket] = []
+        self._guard = threading.Lock()
+        self._server: socket.socket | None = None
+
+    def up(self) -> None:
+        import threading
+
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def down(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with self._guard:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                    conn.close()
+            self._conns.clear()
+
+    def _accept(self, server: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._guard:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+
+def test_s3_server_down_mid_stage_then_back(tmp_path, s3):
+    """The S3 server unreachable for a few seconds while trials train and checkpoint into it: trials that
+    fail are retried from their checkpoints (max_failures), and the sweep ends with every trial finished,
+    every epoch once, or with a clear list of the trials that failed; nothing already in the bucket lost."""
+    endpoint, env, fs = s3
+    outage = Outage(int(endpoint.rsplit(":", 1)[1]))
+    outage.up()
+    query = f"endpoint_override=127.0.0.1:{outage.port}&scheme=http&region=us-east-1"
+    epochs = 30
+    raw = {"name": "outage", "dataset": "digits", "failure": {"max_failures": 3},
+           "eval": {**TINY_EVAL, "genotypes": ["DARTS_V2"], "layers": [1], "seeds": [0, 1], "epochs": epochs,
+                    "max_steps_per_epoch": 25, "channels": 16, "batch_size": 32, "resources": {"cpu": 1}}}
+    (tmp_path / "outage.yaml").write_text(yaml.safe_dump(raw))
+    root = "sweeps/outage/outage"
+    driver = subprocess.Popen([sys.executable, "-m", "nas.cli", "sweep", "up", str(tmp_path / "outage.yaml"),
+                               "--storage", f"s3://sweeps/outage?{query}", "--verbose", "0"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            markers = [k for k in _objects(fs, root) if k.endswith("/complete.json")]
+            if len({m.split("/")[1] for m in markers}) == 2 and len(markers) >= 4:
+                break
+            time.sleep(0.2)
+        before = {k: size for k, size in _objects(fs, root).items() if k.endswith("/complete.json")}
+        outage.down()
+        time.sleep(4)
+        outage.up()
+        out, err = driver.communicate(timeout=400)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        outage.down()
+    assert driver.returncode in (0, 1), err[-3000:]
+    objects = _objects(fs, root)
+    trials = sorted({k.split("/")[1] for k in objects if k.startswith("eval/eval_") and k.endswith("result.json")})
+    assert len(trials) == 2, sorted(objects)
+    if driver.returncode == 1:  # the list names every trial that failed
+        failed = err.split("trial(s) failed:")[1]
+        assert all(t in failed for t in trials if f"eval/{t}/checkpoints/epoch_{epochs:06d}/complete.json"
+                   not in objects), err[-3000:]
+    for trial in trials:
+        if f"eval/{trial}/checkpoints/epoch_{epochs:06d}/complete.json" in objects:
+            assert [r["epoch"] for r in _rows(fs, f"{root}/eval/{trial}/result.json")] == list(range(1, epochs + 1))
+    # the checkpoints complete before the outage were kept until newer ones replaced them (two per trial)
+    for key in before:
+        trial = key.split("/")[1]
+        kept = sorted(int(k.split("/")[-2].removeprefix("epoch_")) for k in objects
+                      if k.startswith(f"eval/{trial}/checkpoints/") and k.endswith("complete.json"))
+        assert kept and kept[-1] >= int(key.split("/")[-2].removeprefix("epoch_")), (key, kept)
+    print(f"S3 outage: exit {driver.returncode}; failures retried: {err.count('Trial task failed')}")

@@ -3,11 +3,14 @@ tests/slurm/cluster.sh): a job preempted mid-stage (``scontrol requeue``) and a 
 time limit (USR1) both come back and finish every trial, none trained again from scratch, nothing finished
 touched."""
 
+import csv
 import datetime
 import json
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest
 import yaml
 
 from analysis.frames import trial_history
-from tests.ray_helpers import epochs_of, sweep_file
+from tests.ray_helpers import epochs_of, sweep_file, tensorboard_epochs
 from tests.test_plugins_ray import HIDDEN_PLUGIN
 
 pytestmark = pytest.mark.slow
@@ -65,12 +68,12 @@ def scontrol_job(env: dict, job: str) -> dict[str, str]:
 
 
 def submit(tmp_path: Path, env: dict, name: str, checkpoint_every: int, nodes: int = 1,
-           job_env: dict | None = None, plugin: Path | None = None) -> tuple[str, Path, Path]:
+           job_env: dict | None = None, plugin: Path | None = None, epochs: int = EPOCHS) -> tuple[str, Path, Path]:
     """Submit a two-stage sweep (two search trials, two eval trials) as a job; with ``plugin``, the search's
     op set is that plugin's ``hidden_conv_3x3`` (and none)."""
     op_set = {"primitives": ["none", "hidden_conv_3x3"]} if plugin else "pibconv"  # every cell then uses it
     raw = sweep_file(tmp_path, name, search={"op_sets": [op_set], "F": [2.0], "seeds": [0, 1], "epochs": 3},
-                     evaluation={"genotypes": ["searched"], "layers": [1], "seeds": [0], "epochs": EPOCHS,
+                     evaluation={"genotypes": ["searched"], "layers": [1], "seeds": [0], "epochs": epochs,
                                  "checkpoint_every": checkpoint_every})
     if plugin:
         raw["plugins"] = [str(plugin)]
@@ -134,7 +137,8 @@ def ended(env: dict, job: str) -> bool:
     return scontrol_job(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
 
-def check_finished(sweep: Path, before: dict[Path, bytes], env: dict, job: str, log: Path) -> None:
+def check_finished(sweep: Path, before: dict[Path, bytes], env: dict, job: str, log: Path,
+                   epochs: int = EPOCHS) -> None:
     state = scontrol_job(env, job)
     text = log.read_text()
     assert state.get("JobState") == "COMPLETED" and state.get("ExitCode") == "0:0", (state, text[-4000:])
@@ -144,32 +148,202 @@ def check_finished(sweep: Path, before: dict[Path, bytes], env: dict, job: str, 
         assert path.read_bytes() == content, path
     dirs = eval_dirs(sweep)
     assert len(dirs) == 2
+    every = list(range(1, epochs + 1))
     for d in dirs:
-        epochs = epochs_of(d)
-        assert epochs.count(1) == 1, (d.name, epochs)  # nothing trained again from scratch
-        assert [r["epoch"] for r in trial_history(d)] == list(range(1, EPOCHS + 1)), d.name
+        # every epoch exactly once in each of Ray's logs (the one checkpointed when the job was stopped
+        # too), so nothing was trained again from scratch either
+        assert epochs_of(d) == every, (d.name, epochs_of(d))
+        with open(d / "progress.csv") as f:
+            assert [int(r["epoch"]) for r in csv.DictReader(f)] == every, d.name
+        assert tensorboard_epochs(d) == every, (d.name, tensorboard_epochs(d))
+        assert [r["epoch"] for r in trial_history(d)] == every, d.name
     status = subprocess.run([os.sys.executable, "-m", "nas.cli", "sweep", "status", str(sweep)],
                             capture_output=True, text=True)
     assert "trials: 4 finished" in status.stdout, status.stdout
 
 
-def test_preempted_job_requeues_and_finishes(tmp_path, slurm):
-    """``scontrol requeue`` mid-eval: SLURM signals every process of the job (Ray's too) and puts it back
-    in the queue; the job's second run continues every trial from its newest complete checkpoint."""
+PROBE = ROOT / "tests" / "slurm" / "ray_probe.py"
+PROBED_EPOCHS = 240
+# the sweep's op (a plugin's): slowed down while the test holds it, so the trials still train when the
+# outsider's probes are done, however long those take
+HELD_PLUGIN = """import os, time
+from torch import nn
+from nas.registry import register_op
+
+
+class Held(nn.Module):
+    def __init__(self, c, stride, affine):
+        super().__init__()
+        self.op = nn.Sequential(nn.Conv2d(c, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c, affine=affine))
+
+    def forward(self, x):
+        if os.path.exists({hold!r}):
+            time.sleep(0.05)
+        return self.op(x)
+
+
+register_op("hidden_conv_3x3", lambda c, s, a, o: Held(c, s, a))
+"""
+OUTSIDER = "dartsweep-probe"
+OUTSIDER_ROOT = Path("/opt/dartsweep-probe")  # its own copy of this Python and of this Ray, readable by it
+
+
+@pytest.fixture(scope="module")
+def outsider():
+    """Another UNIX account on this machine, with a Python and Ray of its own of exactly this version (Ray
+    refuses a driver of another Python patch level; the venv's own Python lives under /root, which that
+    account cannot read): the command line that runs tests/slurm/ray_probe.py as that account."""
+    import ray
+    import sysconfig
+
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd to make a second account")
+    if subprocess.run(["id", OUTSIDER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--system", "--create-home", "--home-dir", f"/home/{OUTSIDER}", "--shell",
+                        "/bin/bash", OUTSIDER], check=True, capture_output=True)
+    stamp = OUTSIDER_ROOT / f"ray-{ray.__version__}-py-{sys.version.split()[0]}"
+    python, lib = OUTSIDER_ROOT / "python" / "bin" / "python3", OUTSIDER_ROOT / "python" / "lib"
+    if not stamp.exists():
+        shutil.rmtree(OUTSIDER_ROOT, ignore_errors=True)
+        prefix = Path(sys.base_prefix)
+        (OUTSIDER_ROOT / "python").mkdir(parents=True)
+        # the interpreter, its shared library and standard library (not its site-packages)
+        subprocess.run(f"tar --exclude=./lib/python3.*/site-packages --exclude=./lib/python3.*/test "
+                       f"--exclude=__pycache__ -cf - ./bin/python3* ./lib | tar -xf - -C {OUTSIDER_ROOT}/python",
+                       shell=True, cwd=prefix, check=True)
+        env = {**os.environ, "LD_LIBRARY_PATH": str(lib)}
+        subprocess.run([str(python), "-m", "venv", str(OUTSIDER_ROOT / "venv")], env=env, check=True)
+        out = subprocess.run([str(OUTSIDER_ROOT / "venv" / "bin" / "pip"), "install", "-q",
+                              f"ray[default,client]=={ray.__version__}"], env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            pytest.fail(f"could not install Ray {ray.__version__} for the second account: {out.stderr[-2000:]}")
+        subprocess.run(["chmod", "-R", "a+rX", str(OUTSIDER_ROOT)], check=True)
+        stamp.write_text("")
+    home = Path(f"/home/{OUTSIDER}")
+    own = home / "own_token"  # a token of the outsider's own making
+    subprocess.run(["runuser", "-u", OUTSIDER, "--", "sh", "-c",
+                    f"umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > {own}"], check=True, cwd="/")
+    probe = Path(tempfile.mkdtemp(prefix="dartsweep-probe-")) / "ray_probe.py"
+    probe.parent.chmod(0o755)
+    shutil.copy(PROBE, probe)
+    probe.chmod(0o644)
+    command = ["runuser", "-u", OUTSIDER, "--", "env", "-i", f"HOME={home}", "PATH=/usr/bin:/bin",
+               f"LD_LIBRARY_PATH={lib}", f"{OUTSIDER_ROOT}/venv/bin/python", str(probe)]
+    yield command, str(own)
+    shutil.rmtree(probe.parent, ignore_errors=True)
+
+
+def listening(port: int) -> bool:
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return bool(out.strip())
+
+
+def test_preempted_job_keeps_outsiders_out_requeues_and_finishes(tmp_path, slurm, outsider):
+    """A two-node job under the job script: while it runs, another UNIX account tries its Ray as an outsider
+    would (a driver, Ray Client, `ray job submit`; bare and with a token of its own) and gets nothing, and
+    cannot read the job's token; the same probe does get into an unauthenticated Ray (the control). Then
+    ``scontrol requeue`` mid-eval: SLURM signals every process of the job (Ray's too); the driver exits 143
+    and releases its lock, and the job's second run, with a new token, continues every trial from its
+    newest checkpoint, every epoch in every log exactly once."""
+    command, own_token = outsider
+    tokens = Path(tempfile.mkdtemp(prefix="dartsweep-tokens-"))
+    tokens.chmod(0o755)  # others may look in: only the job's own folder and file modes keep them out
+    token_dir = tokens / "job"
     # a checkpoint every 2 epochs: SIGTERM reaches the trials' workers too, so the driver's request to
-    # checkpoint may come too late; what was saved must not be lost
-    job, sweep, log = submit(tmp_path, slurm, "preempted", checkpoint_every=2)
-    wait_for("two eval trials past epoch 5", lambda: len(eval_dirs(sweep)) == 2
-             and all(len(epochs_of(d)) >= 5 for d in eval_dirs(sweep)), job, slurm, log)
-    # the default ports (no DARTSWEEP_RAY_PORT here): all 100 below this machine's ephemeral range
-    port = int(log.read_text().split("Ray head ")[1].split(",")[0].rsplit(":", 1)[1])
+    # checkpoint may come too late; what was saved must not be lost. The two slurmd share this host: the
+    # worker's ports go elsewhere (above the ephemeral range), the head's are the default
+    hold = tmp_path / "hold"
+    plugin = tmp_path / "held_ops.py"
+    plugin.write_text(HELD_PLUGIN.format(hold=str(hold)))
+    job, sweep, log = submit(tmp_path, slurm, "preempted", checkpoint_every=2, nodes=2, plugin=plugin,
+                             job_env={"DARTSWEEP_TOKEN_DIR": str(token_dir), "DARTSWEEP_RAY_WORKER_PORT": "61100"},
+                             epochs=PROBED_EPOCHS)
+    wait_for("the eval stage", lambda: len(eval_dirs(sweep)) == 2, job, slurm, log)
+    hold.write_text("")  # the trials slow down (about 2 s an epoch) until the probes are done
+    wait_for("two eval trials past epoch 5", lambda: all(len(epochs_of(d)) >= 5 for d in eval_dirs(sweep)),
+             job, slurm, log)
+    head = log.read_text().split("Ray head ")[1].split(",")[0]
+    port = int(head.rsplit(":", 1)[1])
+    # the default ports: all 100 below this machine's ephemeral range
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     assert port + 99 < low or port > high, (port, low, high)
+    # the job's token: one file, its owner's only, in a private folder; on no command line
+    files = list(token_dir.iterdir())
+    assert [f.name.split(".")[:2] for f in files] == [[f"job-{job}", "0"]], files
+    assert oct(token_dir.stat().st_mode & 0o777) == "0o700" and oct(files[0].stat().st_mode & 0o777) == "0o600"
+    token = files[0].read_text()
+    assert len(token) == 64
+    assert token not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    for closed in (port + 7, 10001, 8265, port + 8):  # no Ray Client server, no dashboard
+        assert not listening(closed), closed
+
+    # the control: an unauthenticated Ray (as Ray 2.60 starts one when no token exists) lets the probe in
+    control_port, client_port = 62000, 62007
+    control_temp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+    control_env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    control_env.pop("RAY_AUTH_TOKEN_PATH", None)
+    control = subprocess.Popen([str(Path(DARTSWEEP).parent / "ray"), "start", "--head", "--block",
+                                f"--port={control_port}", f"--ray-client-server-port={client_port}", "--num-cpus=1",
+                                "--include-dashboard=false", f"--temp-dir={control_temp}", "--disable-usage-stats",
+                                "--min-worker-port=62010", "--max-worker-port=62099"],
+                               env=control_env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    markers = {name: tmp_path / f"ran-{name}" for name in ("job", "control")}
+    tmp_path.chmod(0o755)
+    try:
+        deadline = time.time() + 60
+        while not listening(client_port) and time.time() < deadline:
+            time.sleep(0.5)
+        probes = {
+            "job": subprocess.Popen([*command, head, str(markers["job"]), str(files[0]), own_token,
+                                     str(port + 7), "10001", "--dashboard", "8265", str(port + 8)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/"),
+            "control": subprocess.Popen([*command, f"{head.rsplit(':', 1)[0]}:{control_port}", str(markers["control"]),
+                                         str(files[0]), own_token, str(client_port)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")}
+        said = {}
+        for name, proc in probes.items():
+            out, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, (name, err[-3000:])
+            said[name] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        os.killpg(control.pid, 15)
+        try:
+            control.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(control.pid, 9)
+            control.wait(20)
+        shutil.rmtree(control_temp, ignore_errors=True)
+    print(json.dumps(said, indent=1))  # the note quotes what each try printed
+    # the control: the outsider got in (through Ray Client, bare or with its own token: either is anyone's)
+    assert any(t["in"] for t in said["control"].values()) and markers["control"].exists(), said["control"]
+    assert len(said["job"]) == 11, said["job"]  # 5 ways in, bare and with a token; the token file
+    assert not any(t["in"] for t in said["job"].values()), said["job"]
+    assert not markers["job"].exists()  # nothing ran
+    assert "Permission denied" in said["job"]["read token file"]["said"]
+
+    hold.unlink()
+    assert not any(epochs_of(d)[-1:] == [PROBED_EPOCHS] for d in eval_dirs(sweep))  # still training
     before = finished_files(sweep)
     assert len(before) >= 4  # two search trials' results, their genotypes
+    seen: set[str] = set()
+
+    def requeued_run_ended() -> bool:
+        seen.update(p.name for p in token_dir.iterdir())
+        return ended(slurm, job)
+
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)
-    wait_for("the requeued job to finish", lambda: ended(slurm, job), job, slurm, log, timeout=300)
-    check_finished(sweep, before, slurm, job, log)
+    wait_for("the requeued job to finish", requeued_run_ended, job, slurm, log, timeout=300)
+    check_finished(sweep, before, slurm, job, log, PROBED_EPOCHS)
+    text = log.read_text()
+    ours = "\n".join(line for line in text.splitlines() if "[dartsweep" in line or "dartsweep:" in line)
+    assert "driver exited 143" in text, ours  # stopped by SLURM's SIGTERM: 143, not "trials errored"
+    assert "taking over the lock" not in text  # it released its lock: the second run had nothing to wait for
+    assert any(name.startswith(f"job-{job}.1.") for name in seen), seen  # the second run's own token
+    assert list(token_dir.iterdir()) == []  # each run removed its token
+    for path in [log, *(p for p in sweep.rglob("*") if p.is_file())]:  # no trace of it anywhere
+        assert token.encode() not in path.read_bytes(), path
+    shutil.rmtree(tokens, ignore_errors=True)
 
 
 def test_time_limit_warning_checkpoints_and_requeues(tmp_path, slurm):
@@ -232,6 +406,7 @@ def test_job_script_signals_before_and_after_the_driver_starts(tmp_path, slurm):
     fake.write_text(FAKE_DRIVER)
     fake.chmod(0o755)
     (bin_dir / "ray").symlink_to(Path(DARTSWEEP).parent / "ray")
+    (bin_dir / "python").symlink_to(Path(DARTSWEEP).parent / "python")
     (tmp_path / "xfile").write_text("")  # DARTSWEEP_ARGS' x* must reach the driver as it is, not globbed
     job, log = sbatch(tmp_path, slurm, {"DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": str(fake),
                                         "DARTSWEEP_RAY_PORT": "29000", "DARTSWEEP_ARGS": "--grace 9  x*"})

@@ -1,5 +1,6 @@
 """A real local Ray (2 CPUs): the two-stage pipeline end to end, retries, divergence."""
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -16,10 +17,10 @@ from analysis.frames import load_frames, trial_history  # noqa: E402
 from analysis.report import table1  # noqa: E402
 from nas.errors import ConfigError  # noqa: E402
 from sweeps.driver import _param_space, resume_sweep, run_sweep  # noqa: E402
-from sweeps.loggers import CSVLogger, JsonLogger  # noqa: E402
+from sweeps.loggers import CSVLogger, JsonLogger, TensorBoardLogger  # noqa: E402
 from sweeps.spec import parse_sweep  # noqa: E402
 from sweeps.status import sweep_status  # noqa: E402
-from tests.ray_helpers import epochs_of, module_ray, sweep_file  # noqa: E402,F401
+from tests.ray_helpers import epochs_of, module_ray, sweep_file, tensorboard_epochs, tensorboard_hparams  # noqa: E402,F401
 
 
 def test_two_stage_sweep_end_to_end(tmp_path):
@@ -51,8 +52,18 @@ def test_two_stage_sweep_end_to_end(tmp_path):
             assert table not in params and params[key] in ids
             assert all(table not in json.loads(line)["config"] for line in (Path(d) / "result.json").open())
     assert {"train_loss", "test_acc", "epoch"} <= set(history.columns)
-    # TensorBoard scalars land in every trial folder
-    assert all(list(Path(d).glob("events.out.tfevents.*")) for d in trials.trial_dir)
+    # TensorBoard scalars land in every trial folder, one step per epoch, and an HParams session per trial,
+    # read back with TensorBoard's own parsers of the plugin's data
+    for row in trials.itertuples():
+        assert tensorboard_epochs(Path(row.trial_dir)) == [1, 2]
+        hparams, metrics = tensorboard_hparams(Path(row.trial_dir))
+        assert hparams["stage"] == row.stage and hparams["op_set"] == row.op_set and hparams["seed"] == row.seed
+        assert hparams["epochs"] == 2 and ("F" in hparams) == (row.F == row.F)  # no F where its ops ignore it
+        if row.stage == "eval":
+            assert hparams["genotype_id"] == row.genotype_id and hparams["layers"] == row.layers
+            assert {"ray/tune/test_acc", "ray/tune/gmac", "ray/tune/params_m", "ray/tune/latency_ms"} <= metrics
+        else:
+            assert hparams["F"] == row.F and {"ray/tune/valid_acc", "ray/tune/train_acc"} <= metrics
     status = sweep_status(path)
     lines = status.splitlines()
     assert sum(" finished " in ln for ln in lines[1:-1]) == len(trials) and "search done, eval done" in lines[0]
@@ -78,7 +89,7 @@ def flaky_eval_trainable(config, genotypes):
             marker.write_text("crashed")
             raise RuntimeError("injected failure in epoch 3")
         with open(f"{marker}.reported", "a") as log:  # every epoch reported, across attempts
-            log.write(f"{metrics['epoch']}\n")
+            log.write(f"{metrics['epoch']}{'r' if metrics.get('replayed') else ''}\n")
         real(metrics, checkpoint=checkpoint)
 
     T.tune.report = report
@@ -98,14 +109,19 @@ def test_trial_that_raises_is_retried_from_its_checkpoint(tmp_path):
     tuner = tune.Tuner(trainable, param_space=space,
                        run_config=tune.RunConfig(name="retry", storage_path=str(tmp_path), verbose=0,
                                                  failure_config=tune.FailureConfig(max_failures=2),
-                                                 callbacks=[JsonLogger(), CSVLogger()]))  # as the driver
+                                                 callbacks=[JsonLogger(), CSVLogger(), TensorBoardLogger()]))
     result = tuner.fit()[0]
     assert (tmp_path / "crashed").exists() and result.error is None
-    reported = [int(e) for e in (tmp_path / "crashed.reported").read_text().split()]
+    reported = (tmp_path / "crashed.reported").read_text().split()
     # continued from its newest checkpoint, not restarted at 1: epoch 3's was complete on storage before the
-    # report that crashed (a trial checkpoints, then reports), so the retry went on with epoch 4
-    assert reported == [1, 2, 4], reported
-    # what analysis reads holds every epoch once, in order (Ray's own logger could lose 1-2 on the retry)
+    # report that crashed (a trial checkpoints, then reports), so the retry replayed it (marked, not trained
+    # again: its row comes from the checkpoint's history) and went on with epoch 4
+    assert reported == ["1", "2", "3r", "4"], reported
+    # Ray's own logs hold every epoch once, in order: result.json, progress.csv, TensorBoard
+    assert epochs_of(Path(result.path)) == [1, 2, 3, 4]
+    with open(Path(result.path) / "progress.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+    assert tensorboard_epochs(Path(result.path)) == [1, 2, 3, 4]
     assert [r["epoch"] for r in trial_history(result.path)] == [1, 2, 3, 4]
 
 
