@@ -137,7 +137,7 @@ def _accuracy_figures(trials: pd.DataFrame) -> tuple[list[tuple[str, Any]], int]
         for cell, group in data.groupby("cell", sort=True):
             group = group.sort_values(column)
             custom = [[r.genotype_id, str(r.cell), _num(getattr(r, "op_set", None)), int(r.layers),
-                       f"{r.final_acc:.2f}", _num(r.acc_std, 3) or "-", int(r.seeds), r.trial_ids,
+                       f"{r.final_acc:.2f}", f" ± {r.acc_std:.2f}" if _finite(r.acc_std) else "", int(r.seeds), r.trial_ids,
                        _num(r.gmac), _num(r.params_m), _num(getattr(r, "sweep", ""))] for r in group.itertuples()]
             fig.add_trace(go.Scatter(
                 x=group[column].tolist(), y=group.final_acc.tolist(), name=str(cell), legendgroup=str(cell),
@@ -145,7 +145,7 @@ def _accuracy_figures(trials: pd.DataFrame) -> tuple[list[tuple[str, Any]], int]
                 error_y=dict(type="data", array=group.acc_std.fillna(0).tolist(), visible=True, thickness=1),
                 customdata=custom, meta="network",
                 hovertemplate=("<b>%{customdata[1]}</b><br>genotype %{customdata[0]}<br>layers %{customdata[3]}"
-                               "<br>test acc %{customdata[4]} ± %{customdata[5]} (%{customdata[6]} seed(s))"
+                               "<br>test acc %{customdata[4]}%{customdata[5]} % (%{customdata[6]} seed(s))"
                                "<br>%{customdata[8]} GMAC, %{customdata[9]} M params<br>trials "
                                "%{customdata[7]}<extra></extra>")))
         if front:
@@ -276,7 +276,7 @@ const CELLS = {cells};
 function showCells(point) {{
   const d = point.customdata; if (!d) return;
   const panel = document.getElementById('cell-panel');
-  panel.innerHTML = '<p><b>' + d[1] + '</b> at ' + d[3] + ' layers: ' + d[4] + ' \\u00b1 ' + d[5] + ' % (' + d[6]
+  panel.innerHTML = '<p><b>' + d[1] + '</b> at ' + d[3] + ' layers: ' + d[4] + d[5] + ' % (' + d[6]
     + ' seed(s))<br>genotype ' + d[0] + '</p>' + (CELLS[d[0]] || '<p>(no cell diagram)</p>');
 }}
 document.querySelectorAll('.plots .js-plotly-plot').forEach(gd => {{

@@ -227,6 +227,20 @@ def _create_if_absent_s3(sweep: Any, body: str) -> bool | None:
     return True
 
 
+def _note_lock(sweep: Any) -> None:
+    """Tell the job script where this driver's lock is (``DARTSWEEP_LOCK_NOTE``, a file it names): when
+    SLURM signals a whole job, Ray's node can stop and end the driver (its core worker exits when the
+    raylet goes) before the driver releases the lock, and the script then removes it if it still names
+    this pid. A local or shared folder only."""
+    note = os.environ.get("DARTSWEEP_LOCK_NOTE")
+    if note and sweep.is_local:
+        try:
+            with open(note, "w") as fh:
+                fh.write(os.path.join(sweep.location, LOCK_FILE))
+        except OSError:
+            pass
+
+
 def _proc_text(pid: int, name: str) -> str:
     try:
         with open(f"/proc/{pid}/{name}", "rb") as fh:
@@ -314,5 +328,6 @@ def acquire(sweep: Any, force: bool = False, say=None) -> SweepLock:
         if _create_exclusive(sweep, owner):
             lock = SweepLock(sweep, owner)
             lock.start_heartbeat()
+            _note_lock(sweep)
             return lock
     raise ConfigError(f"{sweep.location}: another driver took the lock at the same moment; try again")

@@ -88,6 +88,9 @@ class MLflowTracker(MLflowLoggerCallback):
         try:
             if trial not in self._trial_runs:
                 self.log_trial_start(trial)
+            if trial not in self._final:  # what the trial reports of itself: the op set's id, the F it used
+                fixed = {k: result[k] for k in REPORTED if result.get(k) is not None}
+                self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=fixed)
             metrics = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))
                        and not isinstance(v, bool) and math.isfinite(v) and k not in ("epoch", "pid", "timestamp")}
             self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=metrics, step=int(epoch))
@@ -115,11 +118,16 @@ class MLflowTracker(MLflowLoggerCallback):
             self._fail("ending a run", exc)
 
 
+REPORTED = ("stage", "op_set", "genotype_id", "F")  # logged from the trial's first report, not its config
+
+
 def _params(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial's parameters, flat: its grid point (op set or genotype id, F, layers, seed) and the stage's
-    training settings (``base``), each a short string or number."""
+    """A trial's parameters, flat: its grid point (genotype, layers, seed) and the stage's training
+    settings (``base``), each a short string or number; the op set and F as the trial reports them
+    (``REPORTED``: the config's F may be folded into an id, an op set's default F unnamed)."""
     flat = {**config, **config.get("point", {})}
-    params = {k: v for k, v in flat.items() if k not in ("base", "point") and not isinstance(v, (dict, list))}
+    params = {k: v for k, v in flat.items() if k not in ("base", "point", *REPORTED)
+              and not isinstance(v, (dict, list))}
     for key, value in (flat.get("base") or {}).items():
         if isinstance(value, (str, int, float, bool)) or value is None:
             params[key] = value

@@ -309,7 +309,7 @@ def test_preempted_job_keeps_outsiders_out_requeues_and_finishes(tmp_path, slurm
     finally:
         os.killpg(control.pid, 15)
         try:
-            control.wait(20)
+            control.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(control.pid, 9)
             control.wait(20)
@@ -324,6 +324,8 @@ def test_preempted_job_keeps_outsiders_out_requeues_and_finishes(tmp_path, slurm
 
     hold.unlink()
     assert not any(epochs_of(d)[-1:] == [PROBED_EPOCHS] for d in eval_dirs(sweep))  # still training
+    # across both nodes: one eval trial on the head's node, one on the srun worker's
+    assert len({trial_history(d)[-1]["node_id"] for d in eval_dirs(sweep)}) == 2
     before = finished_files(sweep)
     assert len(before) >= 4  # two search trials' results, their genotypes
     seen: set[str] = set()
@@ -337,7 +339,9 @@ def test_preempted_job_keeps_outsiders_out_requeues_and_finishes(tmp_path, slurm
     check_finished(sweep, before, slurm, job, log, PROBED_EPOCHS)
     text = log.read_text()
     ours = "\n".join(line for line in text.splitlines() if "[dartsweep" in line or "dartsweep:" in line)
-    assert "driver exited 143" in text, ours  # stopped by SLURM's SIGTERM: 143, not "trials errored"
+    # stopped by SLURM's SIGTERM: 143, not "trials errored"; the driver's own, or (where Ray's stopping
+    # node took the driver with it first) the job script's, which then released the lock itself
+    assert "driver exited 143" in text or "the run ends 143 as if the driver had" in text, ours
     assert "taking over the lock" not in text  # it released its lock: the second run had nothing to wait for
     assert any(name.startswith(f"job-{job}.1.") for name in seen), seen  # the second run's own token
     assert list(token_dir.iterdir()) == []  # each run removed its token
