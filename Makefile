@@ -23,7 +23,7 @@ install: $(BIN)/dartsweep
 quickstart: install
 	$(BIN)/dartsweep sweep up quickstart --storage ./results
 	$(BIN)/dartsweep sweep status results/quickstart
-	@echo "Next: $(BIN)/dartsweep analyze results/quickstart"
+	@echo "Next: $(BIN)/dartsweep report results/quickstart  (one page; or analyze: files)"
 
 test: install
 	$(BIN)/python -m pytest -q
