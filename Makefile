@@ -25,8 +25,11 @@ quickstart: install
 	$(BIN)/dartsweep sweep status results/quickstart
 	@echo "Next: $(BIN)/dartsweep report results/quickstart  (one page; or analyze: files)"
 
+# Most of the suite waits on Ray, SLURM and subprocesses: two workers, each taking whole files (a file's
+# tests share module fixtures: the SLURM cluster, the S3 server, the MLflow server). PYTEST_WORKERS=0: serial.
+PYTEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

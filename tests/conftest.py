@@ -21,7 +21,9 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make test` runs two pytest-xdist workers: each computes on one thread, or the two workers' thread pools
+# spin against each other on two cores (a 17 s search test took 99 s)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
