@@ -48,7 +48,8 @@ def _tiny_sweep(tmp_path: Path) -> Path:
 
 def test_embedded_ray_makes_a_private_token_refuses_clients_without_it_and_removes_it(tmp_path):
     """No token anywhere (an empty HOME, neither variable): the embedded Ray runs with a fresh private
-    token; a client with no token is refused, one with it gets in; the file goes when Ray stops."""
+    token; a client with no token is refused, one with it gets in; Ray's record of the job does not hold the
+    token; the file goes when Ray stops."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env["HOME"] = str(tmp_path)
     script = f"""
@@ -63,6 +64,9 @@ out = {{"mode": os.environ["RAY_AUTH_MODE"], "file_mode": oct(stat.S_IMODE(path.
         "dir_mode": oct(stat.S_IMODE(path.parent.stat().st_mode)), "length": len(path.read_text()),
         "without_token": ray_auth._answers_without_token(gcs),
         "ran": ray.get(ray.remote(lambda: "ran").remote())}}
+# what Ray records of the job (its config, runtime env, entrypoint) holds the token's path, never the token
+jobs = repr(ray._private.state.jobs())
+out["job_recorded"], out["token_in_job"] = str(os.getpid()) in jobs, path.read_text() in jobs
 with_token = subprocess.run([sys.executable, "-c",
     "from ray._raylet import GcsClient; GcsClient(address=%r).internal_kv_keys(b'', namespace=None, timeout=10)" % gcs],
     capture_output=True, env={{**os.environ, "RAY_AUTH_MODE": "token"}})
@@ -79,7 +83,8 @@ print(json.dumps(out))
 
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out == {"mode": "token", "file_mode": "0o600", "dir_mode": "0o700", "length": 64,
-                   "without_token": False, "ran": "ran", "with_token": True, "removed": True,
+                   "without_token": False, "ran": "ran", "job_recorded": True, "token_in_job": False,
+                   "with_token": True, "removed": True,
                    "home_token": False}, out
 
 
