@@ -480,8 +480,17 @@ def test_lock_of_a_killed_driver_is_taken_over_because_slurm_says_its_job_ended(
       "DARTSWEEP_RAY_WORKER_PORT": "80"}, "DARTSWEEP_RAY_WORKER_PORT=80: must be a port number between 1024"),
     ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": DARTSWEEP,
       "SLURM_CONF": "<an empty file>"}, "scontrol show hostnames n1 gave no nodes"),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": DARTSWEEP,
+      "DARTSWEEP_DASHBOARD": "yes"}, "DARTSWEEP_DASHBOARD=yes: 1 starts Ray's dashboard"),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": DARTSWEEP,
+      "DARTSWEEP_DASHBOARD": "1"}, "DARTSWEEP_DASHBOARD=1 needs Ray's dashboard packages"),
 ])
 def test_job_script_misuse_is_one_line(env, message, tmp_path):
+    if env.get("DARTSWEEP_DASHBOARD") == "1":
+        import ray._private.utils
+
+        if not ray._private.utils.get_dashboard_dependency_error():
+            pytest.skip("this venv has Ray's dashboard packages: the job would start it")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DARTSWEEP"))}
     empty = tmp_path / "slurm.conf"  # scontrol fails at once on it (a missing file has it retry for a minute)
     empty.write_text("")
