@@ -5,7 +5,8 @@
 #
 #   tests/slurm/cluster.sh install # apt-get install slurm-wlm munge, when sbatch is missing
 #   tests/slurm/cluster.sh start   # install if needed, write the config, start the daemons, wait for the node
-#   tests/slurm/cluster.sh stop    # stop the daemons started here and remove the state folder
+#   tests/slurm/cluster.sh stop    # stop the daemons started here (munged too, if `start` started it) and
+#                                  # remove the state folder
 #   tests/slurm/cluster.sh env     # print `export SLURM_CONF=...` for the shell that submits jobs
 #
 # Everything lives in a folder made fresh by root with `mktemp -d` at each start (a random name, so no other
@@ -20,6 +21,7 @@
 set -euo pipefail
 
 POINTER=/run/dartsweep-slurm.dir
+MUNGED_OURS=/run/dartsweep-munged.started  # munged was started by this script
 if [ -n "${DARTSWEEP_SLURM_DIR:-}" ]; then
     DIR=$DARTSWEEP_SLURM_DIR
 elif [ -s "$POINTER" ] && [ -d "$(cat "$POINTER")" ] && [ "$(stat -c %u "$(cat "$POINTER")")" = 0 ]; then
@@ -50,7 +52,7 @@ install_packages() {
 }
 
 start_munge() {
-    if pgrep -x munged >/dev/null; then return; fi
+    if pgrep -x -r R,S,D munged >/dev/null; then return; fi  # not a zombie: one `stop` killed, not yet reaped
     if [ ! -s /etc/munge/munge.key ]; then  # munge never set up here: a key of its own (else left alone)
         $SUDO mkdir -p /etc/munge /var/log/munge /var/lib/munge
         $SUDO sh -c 'umask 077; dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null'
@@ -62,6 +64,14 @@ start_munge() {
         $SUDO chown munge:munge /run/munge
     fi
     $SUDO su -s /bin/sh munge -c /usr/sbin/munged
+    $SUDO touch "$MUNGED_OURS"  # `stop` stops it again; a munged that was running already is left alone
+}
+
+stop_munge() {
+    if [ -f "$MUNGED_OURS" ]; then
+        if running /run/munge/munged.pid; then $SUDO kill "$(cat /run/munge/munged.pid)"; fi
+        $SUDO rm -f "$MUNGED_OURS"
+    fi
 }
 
 write_config() {
@@ -180,6 +190,7 @@ stop)
         $SUDO rm -rf "$DIR"
     fi
     [ -n "${DARTSWEEP_SLURM_DIR:-}" ] || $SUDO rm -f "$POINTER"
+    stop_munge
     ;;
 env)
     [ -n "$DIR" ] || { echo "cluster.sh: no test cluster is running (cluster.sh start)" >&2; exit 1; }
