@@ -471,19 +471,19 @@ def test_lock_of_a_killed_driver_is_taken_over_because_slurm_says_its_job_ended(
         list(range(1, 9))
 
 
+SBATCH_ENV = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"}  # as sbatch sets them
+READY_ENV = {**SBATCH_ENV, "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": DARTSWEEP}  # all it needs
+
+
 @pytest.mark.parametrize("env,message", [
     ({}, "SLURM_JOB_ID is not set: submit this script with sbatch"),
-    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"}, "DARTSWEEP_SWEEP is not set"),
-    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": "no-such-cmd"},
-     "DARTSWEEP=no-such-cmd is not a command"),
-    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": DARTSWEEP,
-      "DARTSWEEP_RAY_WORKER_PORT": "80"}, "DARTSWEEP_RAY_WORKER_PORT=80: must be a port number between 1024"),
-    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": DARTSWEEP,
-      "SLURM_CONF": "<an empty file>"}, "scontrol show hostnames n1 gave no nodes"),
-    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": DARTSWEEP,
-      "DARTSWEEP_DASHBOARD": "yes"}, "DARTSWEEP_DASHBOARD=yes: 1 starts Ray's dashboard"),
-    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DARTSWEEP_SWEEP": "quickstart", "DARTSWEEP": DARTSWEEP,
-      "DARTSWEEP_DASHBOARD": "1"}, "DARTSWEEP_DASHBOARD=1 needs Ray's dashboard packages"),
+    (SBATCH_ENV, "DARTSWEEP_SWEEP is not set"),
+    ({**READY_ENV, "DARTSWEEP": "no-such-cmd"}, "DARTSWEEP=no-such-cmd is not a command"),
+    ({**READY_ENV, "DARTSWEEP_RAY_WORKER_PORT": "80"},
+     "DARTSWEEP_RAY_WORKER_PORT=80: must be a port number between 1024"),
+    ({**READY_ENV, "SLURM_CONF": "<an empty file>"}, "scontrol show hostnames n1 gave no nodes"),
+    ({**READY_ENV, "DARTSWEEP_DASHBOARD": "yes"}, "DARTSWEEP_DASHBOARD=yes: 1 starts Ray's dashboard"),
+    ({**READY_ENV, "DARTSWEEP_DASHBOARD": "1"}, "DARTSWEEP_DASHBOARD=1 needs Ray's dashboard packages"),
 ])
 def test_job_script_misuse_is_one_line(env, message, tmp_path):
     if env.get("DARTSWEEP_DASHBOARD") == "1":
